@@ -1,0 +1,141 @@
+"""A CPU-scale reasoning task where more recurrences should help: multi-hop variable tracking or multi-operand sums.
+
+  chain, difficulty 3:  user "k=7;d=k+5;w=d-3;z=w+2;z?"   assistant "11"
+  sum,   difficulty 3:  user "3+5+2+7=?"                  assistant "17"
+
+Difficulty is the number of hops (chain: derived assignments; sum: additions). The answer is one short number and
+there is no chain of thought, so the work has to happen in depth, i.e. in the recurrences. Splits:
+  train  difficulty 1-4, any seed, any size;
+  eval   difficulty 1-4, a fixed held-out set (EVAL_SIZE problems, seed fixed);
+  hard   difficulty 5-8, a fixed held-out set beyond the training difficulty, to test whether more test-time
+         recurrences extrapolate.
+Held-out problems are disjoint from training problems by construction, not only by seed: a problem belongs to the
+held-out side iff a stable hash of its prompt is 0 mod HELDOUT_MOD, and each split rejection-samples its own side.
+Prompts stay within PROMPT_MAX_BYTES so that, with the chat special tokens, a prompt is < 64 tokens for any
+byte-level BPE tokenizer (a token covers at least one byte).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from recursive_model.tasks.base import (
+    Conversation,
+    EvalType,
+    Task,
+    check_choice,
+    example_rng,
+    extract_final_answer,
+    stable_hash,
+    strip_special,
+)
+
+KINDS = ("chain", "sum")
+ORDERS = ("forward", "shuffled")
+REASONING_SPLITS = ("train", "eval", "hard")
+TRAIN_DIFFICULTY = (1, 4)
+HARD_DIFFICULTY = (5, 8)
+MAX_DIFFICULTY = {"chain": 8, "sum": 16}  # chain is ~6 bytes per hop: 8 hops keep the prompt under PROMPT_MAX_BYTES
+EVAL_SIZE = 500  # size of the fixed eval and hard sets
+TRAIN_SIZE = 10_000  # default train size; any size works, examples are generated on demand
+HELDOUT_MOD = 10  # 1 in 10 problems is held out
+PROMPT_MAX_BYTES = 58  # + <|bos|><|user_start|><|user_end|><|assistant_start|> stays < 64 tokens
+_MAX_TRIES = 10_000
+_VARS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _chain(rng: random.Random, hops: int, order: str) -> tuple[str, str]:
+    """Variable tracking: each new variable is the previous one +- a digit; values stay in [0, 99]."""
+    names = rng.sample(_VARS, hops + 1)  # random names so the order is not given away by the alphabet
+    value = rng.randint(0, 9)
+    statements = [f"{names[0]}={value}"]
+    for prev, name in zip(names, names[1:], strict=False):
+        delta = rng.randint(1, 9)
+        # Pick the sign that keeps the value in [0, 99] so answers stay short and non-negative.
+        sign = rng.choice("+-") if delta <= value <= 99 - delta else ("+" if value < delta else "-")
+        value = value + delta if sign == "+" else value - delta
+        statements.append(f"{name}={prev}{sign}{delta}")
+    if order == "shuffled":
+        rng.shuffle(statements)  # pointer chasing: the model has to find each variable's definition
+    return ";".join(statements) + f";{names[-1]}?", str(value)
+
+
+def _sum(rng: random.Random, additions: int) -> tuple[str, str]:
+    """Multi-operand addition of single digits."""
+    operands = [rng.randint(1, 9) for _ in range(additions + 1)]
+    return "+".join(map(str, operands)) + "=?", str(sum(operands))
+
+
+def is_held_out(prompt: str) -> bool:
+    """True if a problem belongs to the held-out (eval/hard) side of the problem space."""
+    return stable_hash(prompt) % HELDOUT_MOD == 0
+
+
+class Reasoning(Task):
+    """Generated multi-hop reasoning problems, graded by exact match of the final number."""
+
+    def __init__(
+        self,
+        kind: str = "chain",
+        split: str = "train",
+        difficulty: int | tuple[int, int] | list[int] | None = None,
+        size: int | None = None,
+        seed: int = 0,
+        order: str = "forward",
+        **slicing: Any,
+    ) -> None:
+        super().__init__(**slicing)
+        check_choice("Reasoning.kind", kind, KINDS)
+        check_choice("Reasoning.split", split, REASONING_SPLITS)
+        check_choice("Reasoning.order", order, ORDERS)
+        if order == "shuffled" and kind != "chain":
+            raise ValueError(f"Reasoning.order='shuffled' needs kind='chain', got kind={kind!r}")
+        if split != "train" and seed != 0:
+            # Held-out sets are fixed so every run scores on the same problems.
+            raise ValueError(f"Reasoning.seed={seed} must be 0 for split={split!r} (held-out sets are fixed)")
+        if difficulty is None:
+            difficulty = HARD_DIFFICULTY if split == "hard" else TRAIN_DIFFICULTY
+        lo, hi = (difficulty, difficulty) if isinstance(difficulty, int) else tuple(difficulty)
+        if not 1 <= lo <= hi <= MAX_DIFFICULTY[kind]:
+            raise ValueError(
+                f"Reasoning.difficulty={difficulty!r} must be an int or (lo, hi) with 1 <= lo <= hi <= "
+                f"{MAX_DIFFICULTY[kind]} for kind={kind!r}"
+            )
+        size = (TRAIN_SIZE if split == "train" else EVAL_SIZE) if size is None else size
+        if size < 1:
+            raise ValueError(f"Reasoning.size={size} must be >= 1")
+        self.kind, self.split, self.order = kind, split, order
+        self.difficulty, self.size, self.seed = (lo, hi), size, seed
+
+    @property
+    def name(self) -> str:
+        return f"Reasoning-{self.kind}-{self.split}"
+
+    @property
+    def eval_type(self) -> EvalType:
+        return "generative"
+
+    def num_examples(self) -> int:
+        return self.size
+
+    def problem(self, index: int) -> tuple[str, str, int]:
+        """(prompt, answer, difficulty) of an underlying index."""
+        rng = example_rng("reasoning", self.kind, self.order, self.split, self.seed, index)
+        want_held_out = self.split != "train"
+        for _ in range(_MAX_TRIES):
+            hops = rng.randint(*self.difficulty)
+            prompt, answer = _chain(rng, hops, self.order) if self.kind == "chain" else _sum(rng, hops)
+            if is_held_out(prompt) == want_held_out:
+                return prompt, answer, hops
+        raise RuntimeError(f"Reasoning: no {self.split} problem found in {_MAX_TRIES} tries at index {index}")
+
+    def get_example(self, index: int) -> Conversation:
+        prompt, answer, _ = self.problem(index)
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+
+    def evaluate(self, conversation: Conversation, completion: str) -> bool:
+        """Exact match of the completion (special tokens and whitespace stripped; `#### N` also accepted)."""
+        text = strip_special(completion).strip()
+        answer = extract_final_answer(text) if "####" in text else text
+        return answer == conversation["messages"][-1]["content"]
