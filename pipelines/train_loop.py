@@ -45,6 +45,7 @@ class StageJob:
     stage_path: str  # storage path of this stage's checkpoints (the Ray Train experiment directory)
     init_checkpoint: str | None = None  # storage path of the previous stage's final checkpoint
     val_source: str = "shipped"  # corpus whose val split gives bits-per-byte in every stage
+    wandb_group: str | None = None  # None -> config.run_name; a sweep puts all its trials in one group
 
     @property
     def stage_config(self) -> StageConfig:
@@ -263,7 +264,8 @@ def _init_wandb(job: StageJob, session: Session):
     default = storage.join(job.config.run_name, "wandb") if not storage.is_s3 else "~/.cache/rnc/wandb"
     wdir = os.path.expanduser(spec.dir or default)  # offline runs stay on disk for `wandb sync`
     os.makedirs(wdir, exist_ok=True)
-    return wandb.init(project=spec.project, group=job.config.run_name, name=f"{job.config.run_name}-{job.stage}",
+    group = job.wandb_group or job.config.run_name
+    return wandb.init(project=spec.project, group=group, name=f"{job.config.run_name}-{job.stage}",
                       job_type=job.stage, config=job.config.to_dict(), mode=mode, dir=wdir, reinit="create_new",
                       settings=wandb.Settings(quiet=True, console="off"))
 
