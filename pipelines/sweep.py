@@ -1,0 +1,643 @@
+"""Sweep files: a pipeline config, a search space over its fields, an objective across test-time r, a scheduler.
+
+This module is the sweep's typed config and everything that needs no running cluster: parsing and validating a sweep
+file (every reachable combination is built as a `PipelineConfig` before any trial starts), turning the space into
+Ray Tune primitives, scoring the objective from the loop's `val_bpb_r{r}` metrics, and writing the results table,
+the plot and the best config. `pipelines/tune.py` runs the sweep.
+
+A sweep file (YAML)::
+
+    name: sigma-bptt              # default: the file's stem; `rnc tune --name` overrides
+    base:                         # a pipeline config exactly as `rnc pipeline run --config` takes it (or a preset
+      preset: tiny                #   name, or the path of such a YAML file)
+      storage: {uri: s3://bucket/sweeps}
+    stage: pretrain               # or [pretrain, sft]: each trial trains the chain, the objective follows along
+    space:                        # field path -> one Tune primitive
+      model.recur_sigma: {grid: [0.25, 0.5, 1.0]}
+      bptt_k: {choice: [1, 2]}    # a stage field: applies to every stage the sweep trains
+      lr: {loguniform: [1.0e-3, 3.0e-2]}
+    num_samples: 1                # samples per grid point
+    max_concurrent_trials: 2
+    objective: {recurrences: [2, 4, 8], combine: mean}
+    scheduler: {type: asha, grace_period: 50, reduction_factor: 2}
+    trial_runner: function        # function (run_stage in the trial) | train (a TorchTrainer per trial)
+
+Field paths: `model.<GPTConfig field>`; `<StageConfig field>` or `stage.<field>` (every trained stage);
+`pretrain.<field>` / `mid.<field>` / `sft.<field>` (that stage only); `seed`. A bare name that is not a stage
+field but a model field (`train_recur_max`) means the model field.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import itertools
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from recursive_model.config import GPTConfig
+
+from .config import STAGE_KINDS, ConfigError, PipelineConfig, StageConfig
+
+PRIMITIVES = ("grid", "choice", "uniform", "loguniform", "randint")
+COMBINES = ("mean", "max", "last", "weighted")
+TRIAL_RUNNERS = ("function", "train")
+SCHEDULERS = ("asha", "fifo")
+OBJECTIVE = "objective"  # the metric Tune optimises (mode "min")
+TIME_ATTR = "trial_step"  # optimizer steps since the trial started, summed over its chain of stages
+DIVERGED_BPB = 1e3  # a non-finite val_bpb (diverged run) scores as this: worst, yet finite for ASHA's percentiles
+# Python packages behind Tune's optional search algorithms (ray.tune.search.SEARCH_ALG_IMPORT).
+SEARCH_ALG_PACKAGES = {"random": None, "variant_generator": None, "optuna": "optuna", "hyperopt": "hyperopt",
+                       "bayesopt": "bayes_opt", "bohb": "hpbandster", "nevergrad": "nevergrad", "zoopt": "zoopt",
+                       "hebo": "hebo", "ax": "ax"}
+# Model fields that a stage overrides with its own field: sweeping the model field under such an override is a no-op.
+STAGE_SHADOWS = {"train_recur_mean": "recur_mean", "train_recur_max": "recur_max", "recur_sigma": "recur_sigma",
+                 "bptt_k": "bptt_k"}
+# Fields a sweep must not change: the tokenizer is trained once per sweep; names and storage belong to the sweep.
+UNSWEEPABLE_MODEL = {"vocab_size", "extra"}
+UNSWEEPABLE_STAGE = {"name": "it names the stage",
+                     "steps": "the trial budget is fixed per sweep; ASHA decides how many steps a trial gets"}
+TOP_LEVEL = {"seed"}
+_MAX_COMBINATIONS = 5_000  # validation builds one PipelineConfig per reachable combination (~1 ms each)
+
+_GPT_FIELDS = {f.name: f for f in dataclasses.fields(GPTConfig)}
+_STAGE_FIELDS = {f.name: f for f in dataclasses.fields(StageConfig)}
+_GPT_HINTS = typing.get_type_hints(GPTConfig)
+_STAGE_HINTS = typing.get_type_hints(StageConfig)
+
+
+# ------------------------------------------------------------------------------------------------------ the space
+@dataclass(frozen=True)
+class Target:
+    """Where a field path lands in a pipeline config."""
+
+    kind: str  # model | stage | top
+    field: str
+    stages: tuple[str, ...] = ()  # kind == stage: the stages it applies to
+
+    def is_int(self) -> bool:
+        hint = {"model": _GPT_HINTS, "stage": _STAGE_HINTS, "top": {"seed": int}}[self.kind][self.field]
+        return hint is int or int in typing.get_args(hint) and float not in typing.get_args(hint)
+
+
+@dataclass
+class Dimension:
+    """One swept field: a Tune primitive over the values of a field path."""
+
+    path: str  # as written in the sweep file, e.g. "model.recur_sigma"
+    kind: str  # grid | choice | uniform | loguniform | randint
+    values: list[Any]  # grid/choice: the values; uniform/loguniform: [low, high]; randint: [low, high) as Tune's
+    target: Target
+
+    def tune_domain(self) -> Any:
+        """The Tune primitive (tune.grid_search, tune.choice, ...)."""
+        from ray import tune
+
+        if self.kind == "grid":
+            return tune.grid_search(list(self.values))
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        low, high = self.values
+        return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[self.kind](low, high)
+
+    def reachable(self) -> list[Any]:
+        """Values to validate: all of a discrete set, the two ends of a range (the constraints checked are monotone
+        in each field, so a range is valid when both ends are)."""
+        if self.kind in ("grid", "choice"):
+            return list(self.values)
+        low, high = self.values
+        return [low, high - 1] if self.kind == "randint" else [low, high]
+
+    @property
+    def log_scale(self) -> bool:
+        return self.kind == "loguniform" or (
+            self.kind in ("grid", "choice") and len(self.values) > 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in self.values)
+            and max(self.values) / min(self.values) >= 20)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self.kind: list(self.values)}
+
+
+def resolve_path(path: str, chain: list[str]) -> Target:
+    """Map a field path of the sweep file onto the pipeline config; ConfigError naming the path otherwise."""
+    where = f"space[{path!r}]"
+    head, _, rest = path.partition(".")
+    if rest and head == "model":
+        if rest in UNSWEEPABLE_MODEL:
+            raise ConfigError(f"{where}: model.{rest} cannot be swept (the tokenizer is trained once per sweep)")
+        if rest not in _GPT_FIELDS:
+            raise ConfigError(f"{where}: unknown model field {rest!r}{_suggest(rest, _GPT_FIELDS)}; "
+                              f"model fields: {sorted(set(_GPT_FIELDS) - UNSWEEPABLE_MODEL)}")
+        return Target("model", rest)
+    if rest and (head == "stage" or head in STAGE_KINDS):
+        stages = tuple(chain) if head == "stage" else (head,)
+        if head != "stage" and head not in chain:
+            raise ConfigError(f"{where}: stage {head!r} is not trained by this sweep (stage: {chain})")
+        if rest in UNSWEEPABLE_STAGE:
+            raise ConfigError(f"{where}: {rest} cannot be swept ({UNSWEEPABLE_STAGE[rest]})")
+        if rest not in _STAGE_FIELDS:
+            raise ConfigError(f"{where}: unknown stage field {rest!r}{_suggest(rest, _STAGE_FIELDS)}; "
+                              f"stage fields: {sorted(set(_STAGE_FIELDS) - set(UNSWEEPABLE_STAGE))}")
+        return Target("stage", rest, stages)
+    if not rest:
+        if path in UNSWEEPABLE_STAGE:
+            raise ConfigError(f"{where}: {path} cannot be swept ({UNSWEEPABLE_STAGE[path]})")
+        if path in _STAGE_FIELDS:
+            return Target("stage", path, tuple(chain))
+        if path in _GPT_FIELDS and path not in UNSWEEPABLE_MODEL:
+            return Target("model", path)
+        if path in TOP_LEVEL:
+            return Target("top", path)
+    known = [*_STAGE_FIELDS, *(f"model.{f}" for f in _GPT_FIELDS), *TOP_LEVEL]
+    raise ConfigError(f"{where}: unknown field path{_suggest(path, known)}; use model.<field> (GPTConfig), "
+                      f"<stage field> / stage.<field> / {'|'.join(STAGE_KINDS)}.<field> (StageConfig), or seed")
+
+
+def _suggest(name: str, known: Any) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as a string; a sweep file means the number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_dimension(path: str, spec: Any, chain: list[str]) -> Dimension:
+    """One `space:` entry: {grid: [...]}, {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]} or
+    {randint: [lo, hi]} (hi exclusive, as Tune's)."""
+    where = f"space[{path!r}]"
+    target = resolve_path(path, chain)
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"{where} must be one primitive like {{grid: [1, 2]}} or {{uniform: [0.1, 1.0]}}; "
+                          f"allowed primitives: {list(PRIMITIVES)}; got {spec!r}")
+    (kind, values), = spec.items()
+    if kind not in PRIMITIVES:
+        raise ConfigError(f"{where}: unknown primitive {kind!r}; allowed: {list(PRIMITIVES)}")
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}.{kind} must be a non-empty list, got {values!r}")
+    values = [_number(v) for v in values]
+    if kind in ("uniform", "loguniform", "randint"):
+        if len(values) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            raise ConfigError(f"{where}.{kind} must be [low, high] numbers, got {values!r}")
+        low, high = values
+        if not low < high:
+            raise ConfigError(f"{where}.{kind}: low={low!r} must be < high={high!r}")
+        if kind == "loguniform" and low <= 0:
+            raise ConfigError(f"{where}.loguniform: low={low!r} must be > 0")
+        if kind == "randint" and not all(isinstance(v, int) for v in values):
+            raise ConfigError(f"{where}.randint: bounds must be integers (high is exclusive), got {values!r}")
+        if kind in ("uniform", "loguniform") and target.is_int():
+            raise ConfigError(f"{where}: {target.field} is an integer field; {kind} samples floats "
+                              f"(use randint, choice or grid)")
+    return Dimension(path, kind, values, target)
+
+
+# --------------------------------------------------------------------------------------------- objective, ASHA
+@dataclass
+class ObjectiveSpec:
+    """What a trial is scored on: validation bits-per-byte at several test-time r, combined; lower is better."""
+
+    recurrences: list[int] = field(default_factory=lambda: [2, 4, 8])  # test-time r values (val_bpb_r{r})
+    combine: str = "mean"  # mean | max (worst r) | last (largest r: rewards gains from more r) | weighted
+    weights: list[float] | None = None  # combine: weighted, one per recurrence
+
+    def validate(self, path: str = "objective") -> None:
+        rs = self.recurrences
+        if not isinstance(rs, list) or not rs or not all(isinstance(r, int) and r >= 1 for r in rs):
+            raise ConfigError(f"{path}.recurrences={rs!r} is invalid; allowed: a non-empty list of integers >= 1")
+        if len(set(rs)) != len(rs):
+            raise ConfigError(f"{path}.recurrences={rs!r} has duplicates")
+        if self.combine not in COMBINES:
+            raise ConfigError(f"{path}.combine={self.combine!r} is invalid; allowed: {list(COMBINES)}")
+        if self.combine == "weighted":
+            w = self.weights
+            if not isinstance(w, list) or len(w) != len(rs) or not all(isinstance(x, int | float) for x in w) \
+                    or any(x < 0 for x in w) or sum(w) <= 0:
+                raise ConfigError(f"{path}.weights={w!r} is invalid; allowed: {len(rs)} weights >= 0 "
+                                  f"(one per recurrence) with a positive sum")
+        elif self.weights is not None:
+            raise ConfigError(f"{path}.weights is only used with combine: weighted")
+
+    def score(self, metrics: dict[str, Any]) -> dict[str, float] | None:
+        """`objective`, `bpb_gain` (bpb at the smallest r minus at the largest: > 0 means more recurrences help)
+        from a loop report; None when the report has no validation at every objective r (not an eval step)."""
+        values = [metrics.get(f"val_bpb_r{r}") for r in self.recurrences]
+        if any(v is None for v in values):
+            return None
+        bpb = [float(v) if math.isfinite(float(v)) else DIVERGED_BPB for v in values]
+        if self.combine == "mean":
+            obj = sum(bpb) / len(bpb)
+        elif self.combine == "max":
+            obj = max(bpb)
+        elif self.combine == "last":
+            obj = bpb[self.recurrences.index(max(self.recurrences))]
+        else:
+            w = self.weights or []
+            obj = sum(x * b for x, b in zip(w, bpb, strict=True)) / sum(w)
+        lo, hi = self.recurrences.index(min(self.recurrences)), self.recurrences.index(max(self.recurrences))
+        return {OBJECTIVE: obj, "bpb_gain": bpb[lo] - bpb[hi]}
+
+
+@dataclass
+class SchedulerSpec:
+    """Early stopping on the objective, in trial steps (optimizer steps summed over the trial's stages)."""
+
+    type: str = "asha"  # asha | fifo (no early stopping)
+    grace_period: int | None = None  # steps before a trial can be stopped; None -> the first eval step
+    reduction_factor: float = 2  # ASHA keeps the best 1/reduction_factor at each rung
+    max_t: int | None = None  # None -> the trial's total steps
+
+    def validate(self, total_steps: int, first_eval: int, path: str = "scheduler") -> None:
+        if self.type not in SCHEDULERS:
+            raise ConfigError(f"{path}.type={self.type!r} is invalid; allowed: {list(SCHEDULERS)}")
+        if self.type == "fifo":
+            return
+        grace, max_t = self.resolved(total_steps, first_eval)
+        if not isinstance(self.reduction_factor, int | float) or self.reduction_factor <= 1:
+            raise ConfigError(f"{path}.reduction_factor={self.reduction_factor!r} is invalid; allowed: > 1")
+        if not 1 <= max_t <= total_steps:
+            raise ConfigError(f"{path}.max_t={max_t!r} is invalid; allowed: 1..{total_steps} (the trial's steps)")
+        if not 1 <= grace <= max_t:
+            raise ConfigError(f"{path}.grace_period={grace!r} is invalid; allowed: 1..max_t={max_t}")
+
+    def resolved(self, total_steps: int, first_eval: int) -> tuple[int, int]:
+        """(grace_period, max_t) with the defaults filled in."""
+        max_t = self.max_t if self.max_t is not None else total_steps
+        return (self.grace_period if self.grace_period is not None else min(first_eval, max_t)), max_t
+
+
+# ---------------------------------------------------------------------------------------------------- the sweep
+@dataclass
+class SweepSpec:
+    """A whole sweep; `validate()` runs in `__post_init__`, so a SweepSpec that exists is runnable."""
+
+    name: str
+    base: PipelineConfig  # the effective pipeline config every trial starts from
+    space: dict[str, Dimension]
+    stages: list[str] = field(default_factory=lambda: ["pretrain"])  # trained by each trial, in order
+    num_samples: int = 1  # samples per grid point (random primitives are drawn anew for each)
+    max_concurrent_trials: int | None = None  # None -> as many as the cluster's resources allow
+    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    search_alg: dict[str, Any] | None = None  # None -> Tune's default (grid + random); {type: optuna, ...}
+    trial_runner: str = "function"  # function: run_stage inside the trial | train: a TorchTrainer per trial
+    trial_resources: dict[str, float] | None = None  # function runner: {CPU: n, GPU: m} per trial
+    seed: int = 0  # random state of the default search algorithm (which random values are drawn)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name != self.name.strip():
+            raise ConfigError(f"name={self.name!r} is invalid; allowed: a non-empty name without '/'")
+        configured = [s.name for s in self.base.stages]
+        if not self.stages or not all(isinstance(s, str) for s in self.stages):
+            raise ConfigError(f"stage={self.stages!r} is invalid; allowed: a stage name or a list like [pretrain, sft]")
+        for s in self.stages:
+            if s not in configured:
+                raise ConfigError(f"stage: {s!r} is not configured in base (configured: {configured})")
+        if self.stages[0] != "pretrain":
+            raise ConfigError(f"stage={self.stages!r}: the chain must start with pretrain (trials train from scratch)")
+        order = [STAGE_KINDS.index(s) for s in self.stages]
+        if order != sorted(set(order)):
+            raise ConfigError(f"stage={self.stages!r}: stages must be distinct and in pipeline order {STAGE_KINDS}")
+        if not self.space:
+            raise ConfigError("space is empty: give at least one field to sweep, e.g. "
+                              "space: {model.recur_sigma: {grid: [0.25, 0.5]}}")
+        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ConfigError(f"num_samples={self.num_samples!r} is invalid; allowed: an integer >= 1")
+        mct = self.max_concurrent_trials
+        if mct is not None and (not isinstance(mct, int) or mct < 1):
+            raise ConfigError(f"max_concurrent_trials={mct!r} is invalid; allowed: an integer >= 1 or null")
+        if self.trial_runner not in TRIAL_RUNNERS:
+            raise ConfigError(f"trial_runner={self.trial_runner!r} is invalid; allowed: {list(TRIAL_RUNNERS)}")
+        self._validate_resources()
+        self.objective.validate()
+        first_eval = self.base.stage(self.stages[0]).eval_every
+        self.scheduler.validate(self.total_steps, min(first_eval, self.base.stage(self.stages[0]).steps))
+        self._validate_search_alg()
+        self._validate_shadowing()
+        self._validate_combinations()
+
+    def _validate_resources(self) -> None:
+        res = self.trial_resources
+        if res is None:
+            return
+        if self.trial_runner != "function":
+            raise ConfigError("trial_resources: only for trial_runner: function; the train runner takes its "
+                              "workers from base.scaling")
+        if not isinstance(res, dict) or not res or set(res) - {"CPU", "GPU"}:
+            raise ConfigError(f"trial_resources={res!r} is invalid; allowed: {{CPU: n, GPU: m}}")
+        for k, v in res.items():
+            if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"trial_resources.{k}={v!r} is invalid; allowed: a number >= 0")
+        if res.get("CPU", 0) <= 0:
+            raise ConfigError(f"trial_resources.CPU={res.get('CPU')!r} must be > 0 (Ray refuses 0; use e.g. 0.5)")
+
+    def _validate_search_alg(self) -> None:
+        import importlib.util
+
+        alg = self.search_alg
+        if alg is None:
+            return
+        if not isinstance(alg, dict) or not isinstance(alg.get("type"), str):
+            raise ConfigError(f"search_alg={alg!r} is invalid; allowed: null (Tune's default) or {{type: NAME, ...}}"
+                              f" with NAME in {sorted(SEARCH_ALG_PACKAGES)}")
+        name = alg["type"].lower()
+        if name not in SEARCH_ALG_PACKAGES:
+            raise ConfigError(f"search_alg.type={alg['type']!r} is unknown; allowed: {sorted(SEARCH_ALG_PACKAGES)}")
+        package = SEARCH_ALG_PACKAGES[name]
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"search_alg.type={name!r} needs the Python package {package!r}, which is not "
+                              f"installed (pip install {package}), or drop search_alg for Tune's default")
+        if package and any(d.kind == "grid" for d in self.space.values()):
+            grids = [p for p, d in self.space.items() if d.kind == "grid"]
+            raise ConfigError(f"search_alg.type={name!r} cannot sample grid dimensions {grids}; use choice")
+
+    def _validate_shadowing(self) -> None:
+        """model.X swept while a trained stage sets its own X: the stage value wins and the sweep would do nothing."""
+        for path, dim in self.space.items():
+            if dim.target.kind != "model" or dim.target.field not in STAGE_SHADOWS:
+                continue
+            stage_field = STAGE_SHADOWS[dim.target.field]
+            if any(d.target.kind == "stage" and d.target.field == stage_field for d in self.space.values()):
+                continue
+            for name in self.stages:
+                value = getattr(self.base.stage(name), stage_field)
+                if value is not None:
+                    raise ConfigError(f"space[{path!r}] has no effect: base stage {name!r} sets {stage_field}="
+                                      f"{value!r}, which overrides model.{dim.target.field}; sweep {stage_field!r} "
+                                      f"(the stage field) instead")
+
+    def _validate_combinations(self) -> None:
+        """Build the pipeline config of every reachable combination; check the recurrence constraints per stage."""
+        dims = list(self.space.values())
+        n = math.prod(len(d.reachable()) for d in dims)
+        if n > _MAX_COMBINATIONS:
+            raise ConfigError(f"space has {n} reachable combinations to validate (> {_MAX_COMBINATIONS}); "
+                              f"use fewer grid/choice values")
+        for combo in itertools.product(*(d.reachable() for d in dims)):
+            params = {d.path: v for d, v in zip(dims, combo, strict=True)}
+            try:
+                cfg = self.candidate_config(params)
+            except ConfigError as exc:
+                raise ConfigError(f"space: combination {params} gives an invalid pipeline config: {exc}") from None
+            for name in self.stages:
+                mc = cfg.stage(name).model_config(cfg.gpt_config())
+                if mc.is_recursive and mc.bptt_k > mc.train_recur_max:
+                    raise ConfigError(f"space: combination {params} gives bptt_k={mc.bptt_k} > train_recur_max="
+                                      f"{mc.train_recur_max} in stage {name!r}; gradients can flow through at most "
+                                      f"train_recur_max recurrences, so narrow bptt_k or raise train_recur_max")
+
+    # ------------------------------------------------------------------------------------------ configs
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of one trial that runs to the end (the chain's stages summed)."""
+        return sum(self.base.stage(s).steps for s in self.stages)
+
+    def candidate_config(self, params: dict[str, Any], run_name: str | None = None) -> PipelineConfig:
+        """The base config with `params` (field path -> value) applied; the objective's r values are added to the
+        trained stages' eval_recur so every eval report carries the objective. Raises ConfigError."""
+        d = copy.deepcopy(self.base.to_dict())
+        d["run_name"] = run_name or f"{self.name}-best"
+        stages = {s["name"]: s for s in d["stages"]}
+        for path, value in params.items():
+            target = self.space[path].target if path in self.space else resolve_path(path, self.stages)
+            if target.kind == "model":
+                d["model"][target.field] = value
+            elif target.kind == "top":
+                d[target.field] = value
+            else:
+                for name in target.stages:
+                    stages[name][target.field] = value
+        for name in self.stages:
+            stages[name]["eval_recur"] = sorted(set(stages[name]["eval_recur"]) | set(self.objective.recurrences))
+        return PipelineConfig.from_dict(d)
+
+    def param_space(self) -> dict[str, Any]:
+        """Tune's param_space: flat, keyed by field path."""
+        return {path: dim.tune_domain() for path, dim in self.space.items()}
+
+    # ------------------------------------------------------------------------------------------ (de)serialise
+    def to_dict(self) -> dict[str, Any]:
+        """A self-contained dict (base as the full effective config): what `--resume` reads back."""
+        return {
+            "name": self.name, "base": self.base.to_dict(), "stage": list(self.stages),
+            "space": {p: d.to_dict() for p, d in self.space.items()}, "num_samples": self.num_samples,
+            "max_concurrent_trials": self.max_concurrent_trials, "objective": dataclasses.asdict(self.objective),
+            "scheduler": dataclasses.asdict(self.scheduler), "search_alg": self.search_alg,
+            "trial_runner": self.trial_runner, "trial_resources": self.trial_resources, "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, name: str | None = None, base_dir: str | os.PathLike | None = None,
+                  storage: dict[str, Any] | None = None) -> SweepSpec:
+        """Parse a sweep dict (the YAML). `name` and `storage` (StorageConfig fields) override the file's values;
+        `base_dir` resolves a `base:` given as a relative YAML path."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a sweep file must be a mapping, got {type(d).__name__}")
+        known = {"name", "base", "stage", "space", "num_samples", "max_concurrent_trials", "objective", "scheduler",
+                 "search_alg", "trial_runner", "trial_resources", "seed"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown sweep field(s) {unknown}{_suggest(unknown[0], known)}; known: {sorted(known)}")
+        if "base" not in d:
+            raise ConfigError("base is missing: give a pipeline config (e.g. base: {preset: tiny}), a preset name "
+                              "or the path of a pipeline YAML")
+        base = _load_base(d["base"], base_dir, storage)
+        stage = d.get("stage", "pretrain")
+        stages = [stage] if isinstance(stage, str) else stage
+        if not isinstance(stages, list):
+            raise ConfigError(f"stage={stage!r} is invalid; allowed: a stage name or a list like [pretrain, sft]")
+        space_in = d.get("space") or {}
+        if not isinstance(space_in, dict):
+            raise ConfigError(f"space must be a mapping of field path -> primitive, got {space_in!r}")
+        space = {str(p): parse_dimension(str(p), spec, stages) for p, spec in space_in.items()}
+        objective = ObjectiveSpec(**_mapping(d.get("objective"), "objective", ObjectiveSpec))
+        scheduler = SchedulerSpec(**_mapping(d.get("scheduler"), "scheduler", SchedulerSpec))
+        search_alg = d.get("search_alg")
+        if isinstance(search_alg, str):
+            search_alg = {"type": search_alg}
+        resources = d.get("trial_resources")
+        if isinstance(resources, dict):
+            resources = {str(k).upper(): _number(v) for k, v in resources.items()}
+        return cls(name=name or d.get("name") or base.run_name, base=base, space=space, stages=stages,
+                   num_samples=d.get("num_samples", 1), max_concurrent_trials=d.get("max_concurrent_trials"),
+                   objective=objective, scheduler=scheduler, search_alg=search_alg,
+                   trial_runner=d.get("trial_runner", "function"), trial_resources=resources, seed=d.get("seed", 0))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, *, name: str | None = None,
+                  storage: dict[str, Any] | None = None) -> SweepSpec:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"sweep file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+        if isinstance(data, dict) and "name" not in data and name is None:
+            name = p.stem
+        return cls.from_dict(data, name=name, base_dir=p.parent, storage=storage)
+
+
+def _mapping(value: Any, path: str, cls: type) -> dict[str, Any]:
+    """A sub-section of the sweep file as keyword arguments of `cls`; unknown keys are an error naming them."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} must be a mapping, got {value!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"unknown field(s) {[f'{path}.{u}' for u in unknown]}; known: {sorted(known)}")
+    return {k: (v if k in ("type", "combine") else _number(v)) for k, v in value.items()}
+
+
+def _load_base(base: Any, base_dir: str | os.PathLike | None, storage: dict[str, Any] | None) -> PipelineConfig:
+    """`base:` as a mapping (preset + overrides, or a full config), a preset name, or a pipeline YAML path."""
+    if isinstance(base, str):
+        if base.endswith((".yaml", ".yml")):
+            path = Path(base) if Path(base).is_absolute() or base_dir is None else Path(base_dir) / base
+            d = yaml.safe_load(PipelineConfig.from_yaml(path).to_yaml())
+        else:
+            d = {"preset": base}
+    elif isinstance(base, dict):
+        d = copy.deepcopy(base)
+    else:
+        raise ConfigError(f"base must be a pipeline config mapping, a preset name or a YAML path, got {base!r}")
+    if storage:
+        d["storage"] = dict(storage)  # a new location: none of the old storage's settings carry over
+    try:
+        preset = d.pop("preset", None)
+        return PipelineConfig.from_preset(preset, **d) if preset else PipelineConfig.from_dict(d)
+    except ConfigError as exc:
+        raise ConfigError(f"base: {exc}") from None
+
+
+# -------------------------------------------------------------------------------------------------- results
+@dataclass
+class TrialRow:
+    """One trial in the results table."""
+
+    trial_id: str
+    status: str  # TERMINATED | ERROR | PENDING | RUNNING
+    params: dict[str, Any]
+    objective: float | None
+    val_bpb: dict[int, float]  # r -> last reported val_bpb
+    bpb_gain: float | None  # bpb at the smallest r minus at the largest
+    steps: int  # trial steps trained (summed over the chain)
+    total_steps: int
+    reports: int  # Tune results (eval steps) this trial sent
+    checkpoint: str | None  # URI of the final checkpoint of the last trained stage
+    error: str | None = None
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.status != "ERROR" and self.steps < self.total_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["val_bpb"] = {str(r): v for r, v in self.val_bpb.items()}
+        d["stopped_early"] = self.stopped_early
+        return d
+
+
+def rank_rows(rows: list[TrialRow]) -> list[TrialRow]:
+    """Best first: trials that trained to the end by objective, then the stopped and failed ones."""
+    def key(r: TrialRow) -> tuple[int, float]:
+        done = r.status == "TERMINATED" and not r.stopped_early and r.objective is not None
+        return (0 if done else 1 if r.objective is not None else 2, r.objective if r.objective is not None else 0.0)
+
+    return sorted(rows, key=key)
+
+
+def best_row(rows: list[TrialRow]) -> TrialRow | None:
+    """The best trial that trained to the end; None when none did."""
+    ranked = rank_rows(rows)
+    if ranked and ranked[0].status == "TERMINATED" and not ranked[0].stopped_early and ranked[0].objective is not None:
+        return ranked[0]
+    return None
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def results_markdown(spec: SweepSpec, rows: list[TrialRow]) -> str:
+    """The results table, best first."""
+    rs = spec.objective.recurrences
+    head = ["#", "trial", *spec.space, f"objective ({spec.objective.combine})", *(f"bpb@r{r}" for r in rs),
+            "gain r" + f"{min(rs)}→{max(rs)}", "steps", "stopped early", "status"]
+    lines = [f"Sweep `{spec.name}`: {len(rows)} trials, stage {'→'.join(spec.stages)}, objective = "
+             f"{spec.objective.combine} of val bpb at r={rs} (lower is better)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(rank_rows(rows), 1):
+        cells = [str(i), r.trial_id, *(_fmt(r.params.get(p)) for p in spec.space), _fmt(r.objective),
+                 *(_fmt(r.val_bpb.get(x)) for x in rs), _fmt(r.bpb_gain), f"{r.steps}/{r.total_steps}",
+                 "yes" if r.stopped_early else "no", r.status]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def results_json(spec: SweepSpec, rows: list[TrialRow]) -> str:
+    best = best_row(rows)
+    return json.dumps({"sweep": spec.name, "stages": spec.stages, "objective": dataclasses.asdict(spec.objective),
+                       "best_trial": best.trial_id if best else None,
+                       "trials": [r.to_dict() for r in rank_rows(rows)]}, indent=2) + "\n"
+
+
+def plot_objective(spec: SweepSpec, rows: list[TrialRow], path: str | os.PathLike) -> None:
+    """A PNG with one panel per swept field: objective vs value; hollow markers for trials stopped early."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = list(spec.space.values())
+    fig, axes = plt.subplots(1, len(dims), figsize=(4.2 * len(dims), 3.6), squeeze=False)
+    scored = [r for r in rows if r.objective is not None]
+    for ax, dim in zip(axes[0], dims, strict=True):
+        xs = [r.params.get(dim.path) for r in scored]
+        categorical = any(not isinstance(x, int | float) or isinstance(x, bool) for x in xs)
+        labels = sorted({str(x) for x in xs}) if categorical else []
+        for r, x in zip(scored, xs, strict=True):
+            xv = labels.index(str(x)) if categorical else x
+            full = not r.stopped_early
+            ax.scatter([xv], [r.objective], s=42, marker="o", facecolors="tab:blue" if full else "none",
+                       edgecolors="tab:blue" if full else "tab:red")
+        if categorical:
+            ax.set_xticks(range(len(labels)), labels)
+        elif dim.log_scale:
+            ax.set_xscale("log")
+        ax.set_xlabel(dim.path)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"objective: {spec.objective.combine} bpb @ r={spec.objective.recurrences}")
+    fig.suptitle(f"{spec.name}: filled = trained to the end, hollow red = stopped early (lower is better)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def best_config(spec: SweepSpec, row: TrialRow) -> PipelineConfig:
+    """The best trial's pipeline config, named `<sweep>-best`: `rnc pipeline run --config` takes its YAML."""
+    return spec.candidate_config(row.params, run_name=f"{spec.name}-best")
