@@ -13,4 +13,9 @@ if [ -z "${TORCH_SPEC:-}" ]; then
 fi
 python -c "import torch" 2>/dev/null || python -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "is ignored" || true
 python -m pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+# The chat page is tested in a real headless browser; install Debian's chromium when we can (root + apt).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+    || echo "setup: chromium not installed; the chat-page browser test will be skipped"
+fi
 python -c "import torch, ray, recursive_model; print(f'setup ok: torch {torch.__version__}, ray {ray.__version__}')"

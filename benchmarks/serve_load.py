@@ -1,0 +1,323 @@
+"""Serving load: HTTP throughput vs the Engine called directly, and per-tier latency under mixed budgets.
+
+1. Throughput, interleaved in `--rounds` windows (direct, HTTP, HTTP streaming, direct, ...):
+   direct     `Engine.generate_batch` over `concurrency` prompts per call (perfect batching, no serving stack, one
+              torch thread like a replica)
+   http       `concurrency` closed-loop clients, non-streaming, against the Serve app, all on the medium tier at the
+              same r (one replica)
+   http_stream  the same with `stream: true`
+   Ratios are medians of per-round ratios. Besides tokens per wall second, tokens per CPU-second (client + proxy +
+   ingress + replicas vs the bare Engine, from /proc) isolate the serving overhead from whatever else the machine
+   runs.
+2. Mixed budgets: low-budget (r=1) and high-budget (r=8) clients at once, p50/p99 latency per tier, next to the low
+   tier alone: whether cheap requests wait behind deep ones.
+
+Weights are random (a checkpoint of `--preset` built on the fly): speed depends on the shape, not on what the model
+learned. Prints one JSON object to stdout; never asserts on time.
+
+    python benchmarks/serve_load.py [--quick] [--preset cpu-small] [--override n_embd=256 ...] [--concurrency 8]
+                                    [--max-tokens 64] [--duration 24] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make the repo root importable
+
+import httpx
+import torch
+
+from benchmarks._common import emit, environment, median, median_ratio, parser
+from recursive_model.checkpoint import load_checkpoint, save_checkpoint
+from recursive_model.config import GPTConfig
+from recursive_model.corpus import shipped_corpus_paths
+from recursive_model.engine import Engine
+from recursive_model.model import GPT
+from recursive_model.tokenizer import Tokenizer
+
+PROMPTS = [
+    "What is a Python list?",
+    "Explain recursion briefly.",
+    "hello",
+    "How do I sort a dict by value?",
+    "Write a haiku about CPUs.",
+    "Why is the sky blue?",
+    "Define entropy.",
+    "What does yield do?",
+]
+TIERS = {"low": 1, "medium": 4, "high": 8}  # r per token of each tier in this benchmark
+GOAL = 0.8
+
+
+def build_checkpoint(directory: Path, preset: str, overrides: dict[str, Any]) -> Path:
+    # A 512-token tokenizer trained in milliseconds on the shipped corpus: only the vocabulary size matters here.
+    with gzip.open(shipped_corpus_paths()["train"], "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line, _ in zip(f, range(120), strict=False)]
+    tokenizer = Tokenizer.train(texts, 512)
+    config = GPTConfig.from_preset(preset, **{"vocab_size": tokenizer.vocab_size, **overrides})
+    torch.manual_seed(0)
+    return save_checkpoint(directory, GPT(config), config, tokenizer, meta={"stage": "benchmark"})
+
+
+def load_engine_direct(ckpt: Path) -> Engine:
+    torch.set_num_threads(1)  # like a replica (torch_threads: 1)
+    loaded = load_checkpoint(ckpt)
+    loaded.model.eval()
+    return Engine(loaded.model, loaded.tokenizer)
+
+
+def prompt_ids(tokenizer: Any, i: int) -> list[int]:
+    conv = {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}, {"role": "assistant", "content": ""}]}
+    return tokenizer.render_for_completion(conv)
+
+
+def engine_direct(engine: Engine, concurrency: int, max_tokens: int, r: int, duration: float) -> tuple[float, float]:
+    """(tokens per second, tokens per CPU-second) of generate_batch on `concurrency` prompts per call, repeated for
+    `duration` seconds."""
+    prompts = [prompt_ids(engine.tokenizer, i) for i in range(concurrency)]
+    tokens, calls, t0, cpu0 = 0, 0, time.perf_counter(), sum(os.times()[:2])
+    while time.perf_counter() - t0 < duration:
+        results = engine.generate_batch(prompts, max_tokens=max_tokens, num_recur=r, seed=calls)
+        tokens += sum(len(res.tokens) for res in results)
+        calls += 1
+    return tokens / (time.perf_counter() - t0), tokens / max(1e-9, sum(os.times()[:2]) - cpu0)
+
+
+def serving_cpu_s() -> dict[str, float]:
+    """CPU seconds used so far per part of the serving path: the load client (this process), the proxy, the
+    ingress, the tier replicas and the controller. Linux /proc; only the client elsewhere."""
+    parts = {"client": sum(os.times()[:2]), "proxy": 0.0, "ingress": 0.0, "tiers": 0.0, "controller": 0.0}
+    hz = os.sysconf("SC_CLK_TCK")
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            part = next((name for key, name in _SERVE_PROCS if key in cmd), None)
+            if part is None:
+                continue
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            parts[part] += (int(fields[11]) + int(fields[12])) / hz  # utime + stime
+        except OSError:
+            continue
+    return parts
+
+
+_SERVE_PROCS = [
+    (b"ray::ProxyActor", "proxy"),
+    (b"ray::ServeReplica:bench:ingress", "ingress"),
+    (b"ray::ServeReplica:bench:tier-", "tiers"),
+    (b"ray::ServeController", "controller"),
+]
+
+
+async def closed_loop(
+    base: str, bodies: dict[str, dict[str, Any]], clients: dict[str, int], duration: float
+) -> dict[str, dict[str, Any]]:
+    """Per group g: `clients[g]` clients sending `bodies[g]` back to back for `duration` s; latency and tokens."""
+    stats: dict[str, dict[str, Any]] = {g: {"latencies": [], "tokens": 0, "errors": 0} for g in bodies}
+    limits = httpx.Limits(max_connections=sum(clients.values()) + 4)
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
+        deadline = time.perf_counter() + duration
+
+        async def one_client(group: str, k: int) -> None:
+            i = k
+            while time.perf_counter() < deadline:
+                body = {**bodies[group], "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
+                i += 1
+                t0 = time.perf_counter()
+                try:
+                    if body.get("stream"):
+                        n = 0
+                        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                            async for line in r.aiter_lines():
+                                if line.startswith("data: {"):
+                                    n += len(json.loads(line[6:]).get("token_text") or [])
+                        ok = r.status_code == 200
+                    else:
+                        r = await client.post("/v1/chat/completions", json=body)
+                        ok = r.status_code == 200
+                        n = r.json()["usage"]["completion_tokens"] if ok else 0
+                except httpx.HTTPError:
+                    ok, n = False, 0
+                if ok:
+                    stats[group]["latencies"].append(time.perf_counter() - t0)
+                    stats[group]["tokens"] += n
+                else:
+                    stats[group]["errors"] += 1
+
+        t_start = time.perf_counter()
+        await asyncio.gather(*(one_client(g, k) for g, n in clients.items() for k in range(n)))
+        elapsed = time.perf_counter() - t_start
+    out = {}
+    for g, s in stats.items():
+        lat = sorted(s["latencies"])
+        out[g] = {
+            "requests": len(lat),
+            "errors": s["errors"],
+            "tokens_per_s": round(s["tokens"] / elapsed, 1),
+            "p50_ms": round(1000 * median(lat), 1) if lat else None,
+            "p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1) if lat else None,
+        }
+    return out
+
+
+def serve_config(ckpt: Path, concurrency: int, max_tokens: int, batch_wait_s: float) -> dict[str, Any]:
+    """One replica per tier, each tier a single r, batches as large as the client count."""
+
+    def tier(name: str, r: int) -> dict[str, Any]:
+        return {
+            "name": name,
+            "r_min": r,
+            "r_max": r,
+            "num_cpus": 0.5,
+            "torch_threads": 1,
+            "max_batch_size": concurrency,
+            "max_ongoing_requests": 4 * concurrency,
+            "batch_wait_timeout_s": batch_wait_s,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+        }
+
+    return {
+        "checkpoint": str(ckpt),
+        "app_name": "bench",
+        "model_name": "bench",
+        "max_tokens_limit": max_tokens,
+        "default_max_tokens": max_tokens,
+        "auth_token_env": None,
+        "ingress": {"num_cpus": 0.25},
+        "tiers": [tier(name, r) for name, r in TIERS.items()],
+    }
+
+
+def main() -> None:
+    p = parser(__doc__.split("\n")[0])
+    p.add_argument("--preset", default="cpu-small", help="model preset (random weights)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="GPTConfig override")
+    p.add_argument("--concurrency", type=int, default=8, help="concurrent clients = Engine batch size")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--duration", type=float, default=24.0, help="seconds per throughput variant (over all rounds)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved direct/HTTP windows")
+    p.add_argument("--batch-wait", type=float, default=0.05, help="tier batch_wait_timeout_s")
+    p.add_argument("--port", type=int, default=8471)
+    args = p.parse_args()
+    if args.quick:
+        args.preset, args.max_tokens, args.duration, args.rounds, args.concurrency = "tiny", 16, 2.0, 1, 4
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.override)}
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    # Ray prints some worker messages straight to fd 1: keep stdout for the one JSON object.
+    sys.stdout.flush()
+    json_out = os.dup(1)
+    os.dup2(2, 1)
+    r = TIERS["medium"]
+    window = args.duration / args.rounds
+    with tempfile.TemporaryDirectory(prefix="rnc-bench-") as tmp:
+        ckpt = build_checkpoint(Path(tmp) / "ckpt", args.preset, overrides)
+        engine = load_engine_direct(ckpt)
+        engine.generate_batch([prompt_ids(engine.tokenizer, 0)], max_tokens=4, num_recur=r)  # warm-up
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+            serve.run(
+                build_app(serve_config(ckpt, args.concurrency, args.max_tokens, args.batch_wait)),
+                name="bench",
+                route_prefix="/",
+            )
+            base = f"http://127.0.0.1:{args.port}"
+            body = {"model": "bench", "max_tokens": args.max_tokens, "tier": "medium"}
+            clients = {"medium": args.concurrency}
+            asyncio.run(closed_loop(base, {"medium": body}, clients, min(3.0, window)))  # warm-up
+            medium = serve.get_deployment_handle("tier-medium", app_name="bench")
+            rounds: dict[str, list[float]] = {
+                k: [] for k in ("direct", "direct_cpu", "http", "http_cpu", "stream", "batch", "busy", "p50")
+            }
+            for _ in range(args.rounds):  # direct, HTTP and HTTP streaming alternate: drift hits all alike
+                tps, tpc = engine_direct(engine, args.concurrency, args.max_tokens, r, window)
+                rounds["direct"].append(tps)
+                rounds["direct_cpu"].append(tpc)
+                before, t0, cpu0 = medium.info.remote().result(), time.perf_counter(), serving_cpu_s()
+                res = asyncio.run(closed_loop(base, {"medium": body}, clients, window))["medium"]
+                wall, cpu1 = time.perf_counter() - t0, serving_cpu_s()
+                cpu_parts = {k: cpu1[k] - cpu0[k] for k in cpu0}
+                cpu = sum(cpu_parts.values())
+                for k, v in cpu_parts.items():  # CPU-ms per request by part of the path
+                    rounds.setdefault(f"cpu_ms_{k}", []).append(1000 * v / max(1, res["requests"]))
+                after = medium.info.remote().result()
+                rounds["http"].append(res["tokens_per_s"])
+                rounds["http_cpu"].append(res["tokens_per_s"] * wall / max(1e-9, cpu))
+                rounds["p50"].append(res["p50_ms"] or 0.0)
+                n_batches = max(1, after["batches_run"] - before["batches_run"])
+                rounds["batch"].append((after["requests_run"] - before["requests_run"]) / n_batches)
+                rounds["busy"].append((after["busy_s"] - before["busy_s"]) / wall)
+                stream_body = {"medium": {**body, "stream": True}}
+                rounds["stream"].append(
+                    asyncio.run(closed_loop(base, stream_body, clients, window))["medium"]["tokens_per_s"]
+                )
+            half = max(1, args.concurrency // 2)
+            by_tier = {t: {"model": "bench", "max_tokens": args.max_tokens, "tier": t} for t in ("low", "high")}
+            low_alone = asyncio.run(closed_loop(base, {"low": by_tier["low"]}, {"low": half}, args.duration / 2))
+            mixed = asyncio.run(closed_loop(base, by_tier, {"low": half, "high": half}, args.duration / 2))
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+    sys.stdout.flush()
+    os.dup2(json_out, 1)
+    ratio = median_ratio(rounds["http"], rounds["direct"])
+    emit(
+        {
+            "benchmark": "serve_load",
+            "quick": args.quick,
+            "env": {**environment(), "cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 1)},
+            "setup": {
+                "preset": args.preset,
+                "overrides": overrides,
+                "concurrency": args.concurrency,
+                "max_tokens": args.max_tokens,
+                "rounds": args.rounds,
+                "window_s": window,
+                "r_by_tier": TIERS,
+                "batch_wait_timeout_s": args.batch_wait,
+            },
+            "throughput": {
+                "tier": "medium",
+                "r": r,
+                "engine_direct_tokens_per_s": round(median(rounds["direct"]), 1),
+                "http_tokens_per_s": round(median(rounds["http"]), 1),
+                "http_stream_tokens_per_s": round(median(rounds["stream"]), 1),
+                "ratio_http_vs_direct": round(ratio, 3),
+                "ratio_http_stream_vs_direct": round(median_ratio(rounds["stream"], rounds["direct"]), 3),
+                "engine_direct_tokens_per_cpu_s": round(median(rounds["direct_cpu"]), 1),
+                "http_tokens_per_cpu_s": round(median(rounds["http_cpu"]), 1),
+                "ratio_http_vs_direct_per_cpu_s": round(median_ratio(rounds["http_cpu"], rounds["direct_cpu"]), 3),
+                "http_cpu_ms_per_request": {
+                    k.removeprefix("cpu_ms_"): round(median(v), 2) for k, v in rounds.items() if k.startswith("cpu_ms_")
+                },
+                "http_p50_ms": round(median(rounds["p50"]), 1),
+                "http_mean_batch_size": round(median(rounds["batch"]), 2),
+                "http_replica_busy_fraction": round(median(rounds["busy"]), 3),
+                "per_round": {k: [round(x, 1) for x in rounds[k]] for k in ("direct", "http", "stream")},
+            },
+            "latency_by_tier": {"low_alone": low_alone["low"], "mixed": mixed},
+            "goal": f"ratio_http_vs_direct >= {GOAL}",
+            "goal_met": ratio >= GOAL,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()

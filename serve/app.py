@@ -1,0 +1,236 @@
+"""The Ray Serve application: a FastAPI ingress in front of one model deployment per compute tier.
+
+    HTTP -> Ingress (parse, auth, route by budget, stream SSE) -> tier-<name> replicas (BatchingEngine over Engine)
+
+Each tier is its own deployment with its own autoscaling and resources, so cheap requests never queue behind deep
+ones and each tier scales with its own traffic. Both deployments are thin: request logic is in `serve.service`,
+batching and generation in `serve.engine_adapter`, both testable without Ray.
+
+`build_app(args)` is the application builder for `serve.run`, `rnc serve deploy` and Serve config files
+(`import_path: serve.app:build_app`, `args:` = a ServeConfig).
+"""
+
+# No `from __future__ import annotations` here: FastAPI must resolve the route annotations (`request: Request`)
+# after Serve has rewritten the ingress methods, and string annotations then turn into query parameters.
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve import Application
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from .config import ServeConfig, format_validation_error
+from .engine_adapter import BatchingEngine, Completion, GenerationRequest, StreamChunk
+from .protocol import error_body
+from .router import RequestError
+from .service import ChatPlanner, StreamFormatter
+
+logger = logging.getLogger("ray.serve")
+
+_UNAVAILABLE = (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
+
+
+@serve.deployment(health_check_period_s=10)
+class TierModel:
+    """One tier's replica: the checkpoint's weights, loaded once, behind a BatchingEngine."""
+
+    def __init__(self, config: dict[str, Any], tier: str):
+        import torch
+
+        from .loading import load_engine
+        from .metrics import TierMetrics
+
+        cfg = ServeConfig.model_validate(config)
+        self.tier = cfg.tier(tier)
+        torch.set_num_threads(self.tier.torch_threads)
+        loaded = load_engine(cfg.checkpoint, cfg.cache_dir)
+        if self.tier.r_max > loaded.config.train_recur_max:
+            logger.warning(
+                "tier %s: r_max=%d is deeper than training (train_recur_max=%d): extrapolated depth",
+                tier,
+                self.tier.r_max,
+                loaded.config.train_recur_max,
+            )
+        self.batcher = BatchingEngine(
+            loaded.engine,
+            self.tier.max_batch_size,
+            self.tier.batch_wait_timeout_s,
+            TierMetrics(tier),
+            self.tier.batch_wait_fraction,
+        )
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        return await self.batcher.generate(request)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk | Completion]:
+        async for event in self.batcher.stream(request, self.tier.stream_interval_s):
+            yield event
+
+    def info(self) -> dict[str, Any]:
+        """Replica identity and load (tests use the actor name to kill a replica)."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {
+            "tier": self.tier.name,
+            "actor_name": ctx.get_actor_name(),
+            "pid": os.getpid(),
+            "queue_length": self.batcher.queue_length,
+            "batches_run": self.batcher.batches_run,
+            "requests_run": self.batcher.requests_run,
+            "busy_s": self.batcher.busy_s,
+        }
+
+    def check_health(self) -> None:
+        if not self.batcher.healthy():
+            raise RuntimeError(f"tier {self.tier.name}: batch scheduler died")
+
+
+api = FastAPI(title="recursive-gpt", description="OpenAI-compatible chat completions routed by compute budget")
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """HTTP edge: validation, bearer auth, budget routing, streaming. Holds a handle per tier."""
+
+    def __init__(self, config: dict[str, Any], tiers: dict[str, DeploymentHandle]):
+        from .loading import load_tokenizer
+        from .metrics import IngressMetrics
+
+        self.config = ServeConfig.model_validate(config)
+        tokenizer, model_config = load_tokenizer(self.config.checkpoint, self.config.cache_dir)
+        self.planner = ChatPlanner(self.config, tokenizer, model_config.sequence_len)
+        self.handles = tiers
+        self.stream_handles = {name: h.options(stream=True) for name, h in tiers.items()}
+        self.token = self.config.resolve_auth_token()
+        self.metrics = IngressMetrics()
+        self.page = resources.files("serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    # ------------------------------------------------------------------------------------------------ routes
+    @api.get("/", response_class=HTMLResponse)
+    async def chat_page(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+    @api.get("/health")
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.config.model_name, "tiers": list(self.handles)}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        if (denied := self._check_auth(request)) is not None:
+            return denied
+        return JSONResponse(self.planner.models())
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        if (denied := self._check_auth(request)) is not None:
+            self.metrics.response(None, denied.status_code)
+            return denied
+        try:
+            plan = self.planner.plan(await request.body())
+        except RequestError as exc:
+            self.metrics.response(None, exc.status)
+            return JSONResponse(error_body(exc.message, exc.param, exc.code), status_code=exc.status)
+        tier = plan.route.tier
+        if plan.request.stream:
+            gen = self.stream_handles[tier].stream.remote(plan.generation)
+            try:
+                first = await gen.__anext__()  # errors before the first token still get a proper status code
+            except Exception as exc:
+                gen.cancel()
+                return self._upstream_error(exc, tier)
+            self.metrics.response(tier, 200)
+            formatter = StreamFormatter(plan, self.config.model_name)
+            return StreamingResponse(
+                self._sse(formatter, first, gen),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            done = await self.handles[tier].generate.remote(plan.generation)
+        except Exception as exc:
+            return self._upstream_error(exc, tier)
+        self.metrics.response(tier, 200)
+        return JSONResponse(self.planner.completion(plan, done))
+
+    # --------------------------------------------------------------------------------------------- helpers
+    async def _sse(self, formatter: StreamFormatter, first: Any, gen: Any) -> AsyncIterator[bytes]:
+        try:
+            yield formatter.start()
+            yield formatter.event(first)
+            async for event in gen:
+                yield formatter.event(event)
+        except Exception as exc:  # the replica died mid-answer: tell the client instead of cutting the stream
+            status, message = self._classify(exc, formatter.tier)
+            logger.warning("stream on tier %s failed: %s", formatter.tier, message)
+            yield StreamFormatter.error(message, status)
+        finally:
+            gen.cancel()  # a client that disconnected frees its batch row
+
+    def _check_auth(self, request: Request) -> JSONResponse | None:
+        if self.token is None:
+            return None
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            return None
+        return JSONResponse(
+            error_body(
+                "missing or invalid bearer token",
+                "Authorization",
+                code="invalid_api_key",
+                err_type="authentication_error",
+            ),
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    def _classify(self, exc: BaseException, tier: str) -> tuple[int, str]:
+        if isinstance(exc, _UNAVAILABLE):
+            return 503, f"tier {tier!r} is unavailable right now ({type(exc).__name__}); retry"
+        return 500, f"tier {tier!r} failed: {type(exc).__name__}: {exc}"
+
+    def _upstream_error(self, exc: BaseException, tier: str) -> JSONResponse:
+        cause = exc.cause if isinstance(exc, RayTaskError) else exc
+        if isinstance(cause, RequestError):
+            self.metrics.response(tier, cause.status)
+            return JSONResponse(error_body(cause.message, cause.param, cause.code), status_code=cause.status)
+        status, message = self._classify(exc, tier)
+        if status == 500:
+            logger.exception("tier %s failed", tier, exc_info=exc)
+        self.metrics.response(tier, status)
+        code = "service_unavailable" if status == 503 else "internal_error"
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return JSONResponse(error_body(message, None, code, "server_error"), status_code=status, headers=headers)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Application builder: `args` is a ServeConfig (dict or model). One deployment per tier behind the ingress."""
+    if isinstance(args, ServeConfig):
+        cfg = args
+    else:
+        try:
+            cfg = ServeConfig.model_validate(dict(args))
+        except ValidationError as exc:
+            raise ValueError(f"invalid serve config: {format_validation_error(exc)}") from None
+    cfg_dict = cfg.model_dump(mode="json")
+    tiers = {t.name: TierModel.options(**t.serve_options(cfg.env)).bind(cfg_dict, t.name) for t in cfg.tiers}
+    ingress_actor: dict[str, Any] = {"num_cpus": cfg.ingress.num_cpus}
+    if cfg.env:
+        ingress_actor["runtime_env"] = {"env_vars": dict(cfg.env)}
+    return Ingress.options(
+        name="ingress",
+        num_replicas=cfg.ingress.num_replicas,
+        max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+        ray_actor_options=ingress_actor,
+    ).bind(cfg_dict, tiers)

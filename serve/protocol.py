@@ -1,0 +1,177 @@
+"""The OpenAI-compatible wire format: request parsing (errors name the field) and response / SSE chunk builders.
+
+Extensions, all optional and ignored by OpenAI clients:
+  request:  `tier`, `max_recur` (max recurrences per token), `exit_threshold`, `exit_criterion`, `top_k`
+            (the `openai` client sends them with `extra_body={...}`)
+  response: `tier`, and `recurrence` = {"budget": r, "mean": mean r per generated token, "per_token": [...]}
+  chunks:   `tier`, `recurrence.per_token` and `token_text` (the text of each token in the chunk), so a client can
+            show what each token cost; the last chunk carries `usage` and `recurrence.mean`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .config import _loc_to_path
+from .router import Budget, RequestError
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # e.g. "name": accepted, unused
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions body. Unknown OpenAI fields (presence_penalty, user, ...) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer OpenAI name of max_tokens
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_k: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=1)  # one choice per request: batching across requests is the server's job
+    stream: bool = False
+    # --- compute budget (extensions) ---
+    tier: str | None = None
+    max_recur: int | None = Field(None, ge=1)
+    exit_threshold: float | None = Field(None, gt=0)
+    exit_criterion: Literal["kl", "latent"] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _check_turns(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        if v[-1].role != "user":
+            raise ValueError("the last message must be from the user")
+        return v
+
+    def budget(self) -> Budget:
+        return Budget(self.tier, self.max_recur, self.exit_threshold, self.exit_criterion)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+    def conversation(self) -> dict[str, Any]:
+        """nanochat conversation with an empty assistant turn appended (render_for_completion drops it)."""
+        msgs = [{"role": m.role, "content": m.text()} for m in self.messages]
+        return {"messages": [*msgs, {"role": "assistant", "content": ""}]}
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    """Validate a request body; RequestError with `param` = the offending field (e.g. `messages[0].role`)."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError("body", f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise RequestError("body", "request body must be a JSON object")
+    if "messages" in data and data["messages"] == []:
+        raise RequestError("messages", "messages is empty: send at least one user message")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(p for p in err.get("loc", ()) if not (isinstance(p, str) and p in _UNION_TAGS))
+        param = _loc_to_path(loc) or "body"
+        raise RequestError(param, f"{param}: {err.get('msg', 'invalid value')}") from None
+
+
+# pydantic puts union member names into error locations (messages.0.content.str); they are not request fields.
+_UNION_TAGS = {"str", "list[ContentPart]", "function-after[_check_turns(), list[ChatMessage]]"}
+
+
+def error_body(
+    message: str, param: str | None = None, code: str = "invalid_request_error", err_type: str = "invalid_request_error"
+) -> dict[str, Any]:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_response(
+    completion_id: str,
+    model: str,
+    tier: str,
+    budget_r: int,
+    text: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    recurs: list[int],
+) -> dict[str, Any]:
+    """A `chat.completion` object with the compute actually spent."""
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
+        "usage": usage(prompt_tokens, len(recurs)),
+        "tier": tier,
+        "recurrence": {"budget": budget_r, "mean": _mean(recurs), "per_token": recurs},
+    }
+
+
+def chunk(
+    completion_id: str,
+    model: str,
+    tier: str,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    per_token: list[int] | None = None,
+    token_text: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A `chat.completion.chunk` object."""
+    out: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        "tier": tier,
+    }
+    if per_token is not None:
+        out["recurrence"] = {"per_token": per_token}
+        out["token_text"] = token_text or []
+    if extra:
+        out.update(extra)
+    return out
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+def _mean(values: list[int]) -> float:
+    return round(sum(values) / len(values), 4) if values else 0.0

@@ -1,0 +1,115 @@
+"""Budget routing: a request's compute budget -> the cheapest tier that satisfies it, and the r to run at.
+
+A budget is a named tier, or a maximum number of recurrences per token (`max_recur`), plus an optional adaptive-exit
+threshold. A tier satisfies `max_recur = b` when b lies in its [r_min, r_max]; among those the cheapest (smallest
+r_max, then config order) wins, and the request runs at r = b. So a shallow request never waits behind deep ones, and
+a deep request never runs shallower than asked. Pure Python: the ingress calls it, tests call it without Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .config import TierConfig
+
+
+class RequestError(ValueError):
+    """A bad request: HTTP `status` with a message naming the offending request field (`param`)."""
+
+    def __init__(self, param: str | None, message: str, status: int = 400, code: str = "invalid_request_error"):
+        super().__init__(message)
+        self.param = param
+        self.message = message
+        self.status = status
+        self.code = code
+
+    def __reduce__(self):  # crosses Ray process boundaries intact (the default would drop param/status)
+        return (RequestError, (self.param, self.message, self.status, self.code))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a request is willing to spend. Empty = the default tier."""
+
+    tier: str | None = None
+    max_recur: int | None = None  # recurrences per token
+    exit_threshold: float | None = None  # adaptive exit: stop recurring once the criterion falls below this
+    exit_criterion: str | None = None  # "kl" | "latent"; default: the tier's
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request goes and how it is generated there."""
+
+    tier: str
+    num_recur: int  # r per token (the ceiling when adaptive exit is on)
+    kv_cache: str
+    exit_criterion: str  # "none" = every token runs all num_recur recurrences
+    exit_threshold: float | None
+    min_recur: int | None
+
+
+class BudgetRouter:
+    """Maps budgets to tiers. Built once per ingress replica from the tier configs."""
+
+    def __init__(self, tiers: Sequence[TierConfig], default_tier: str | None = None):
+        if not tiers:
+            raise ValueError("BudgetRouter needs at least one tier")
+        # Cost order: per-token compute grows with r, so r_max is the price; ties keep config order.
+        self.tiers = sorted(tiers, key=lambda t: t.r_max)
+        self.by_name = {t.name: t for t in tiers}
+        if default_tier is not None and default_tier not in self.by_name:
+            raise ValueError(f"default_tier={default_tier!r} is not one of {list(self.by_name)}")
+        self.default_tier = default_tier or self.tiers[0].name
+
+    @property
+    def r_limit(self) -> int:
+        """The deepest budget any tier accepts."""
+        return max(t.r_max for t in self.tiers)
+
+    def describe_ranges(self) -> str:
+        return ", ".join(f"{t.name} [{t.r_min}, {t.r_max}]" for t in self.tiers)
+
+    def route(self, budget: Budget) -> Route:
+        """The tier and generation settings for `budget`; RequestError naming the field when none fits."""
+        if budget.tier is not None:
+            tier = self.by_name.get(budget.tier)
+            if tier is None:
+                raise RequestError("tier", f"unknown tier {budget.tier!r}; available tiers: {self.describe_ranges()}")
+            if budget.max_recur is not None and not tier.r_min <= budget.max_recur <= tier.r_max:
+                raise RequestError(
+                    "max_recur",
+                    f"max_recur={budget.max_recur} is outside tier {tier.name!r}'s range [{tier.r_min}, {tier.r_max}]",
+                )
+            r = budget.max_recur if budget.max_recur is not None else tier.recur
+        elif budget.max_recur is not None:
+            if budget.max_recur < 1:
+                raise RequestError("max_recur", f"max_recur={budget.max_recur} must be >= 1")
+            fitting = [t for t in self.tiers if t.r_min <= budget.max_recur <= t.r_max]
+            if not fitting:
+                raise RequestError(
+                    "max_recur",
+                    f"max_recur={budget.max_recur} is out of range: no tier serves it; tier ranges: "
+                    f"{self.describe_ranges()}",
+                )
+            tier, r = fitting[0], budget.max_recur
+        else:
+            tier = self.by_name[self.default_tier]
+            r = tier.recur
+
+        threshold = budget.exit_threshold if budget.exit_threshold is not None else tier.exit_threshold
+        if threshold is not None and threshold <= 0:
+            raise RequestError("exit_threshold", f"exit_threshold={threshold} must be > 0")
+        if budget.exit_criterion is not None and budget.exit_criterion not in ("kl", "latent"):
+            raise RequestError("exit_criterion", f"exit_criterion={budget.exit_criterion!r}; allowed 'kl', 'latent'")
+        adaptive = threshold is not None
+        return Route(
+            tier=tier.name,
+            num_recur=r,
+            kv_cache=tier.kv_cache,
+            # "none", not None: None would fall back to the checkpoint's own default criterion.
+            exit_criterion=(budget.exit_criterion or tier.exit_criterion) if adaptive else "none",
+            exit_threshold=threshold if adaptive else None,
+            min_recur=min(tier.exit_min_recur, r) if adaptive else None,
+        )
