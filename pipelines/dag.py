@@ -18,7 +18,7 @@ from typing import Any
 from .config import ALL_STAGES, STAGE_KINDS, ConfigError, PipelineConfig
 from .manifest import PipelineManifest, config_hash
 from .storage import Storage
-from .train_loop import StageJob, list_checkpoints, ray_train_loop
+from .train_loop import StageJob, build_trainer, list_checkpoints
 
 
 @dataclass
@@ -174,40 +174,17 @@ def run_tokenizer_stage(config: PipelineConfig, storage: Storage) -> tuple[str, 
 # ------------------------------------------------------------------------------------------------------ training
 def run_train_stage(config: PipelineConfig, storage: Storage, name: str, init_checkpoint: str | None):
     """One TorchTrainer fit; returns (final checkpoint URI, final metrics)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     stage = config.stage(name)
-    run_root = storage.join(config.run_name)
     job = StageJob(config=config, stage=name, tokenizer_path=storage.join(config.run_name, "tokenizer"),
                    stage_path=storage.join(config.run_name, name), init_checkpoint=init_checkpoint,
                    val_source=config.tokenizer.corpus)
-    sc = config.scaling
-    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
-    trainer = TorchTrainer(
-        _train_fn,
-        train_loop_config={"job": job},
-        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=run_root,  # Ray's experiment dir <run_root>/<stage> is job.stage_path
-            storage_filesystem=storage.ray_storage_filesystem(),
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=stage.keep_last),
-        ),
-    )
-    result = trainer.fit()
+    result = build_trainer(job).fit()
     final = list_checkpoints(storage, job.stage_path)
     if not final or final[0][0] != stage.steps:
         raise RuntimeError(f"stage {name}: no complete checkpoint at step {stage.steps} in "
                            f"{storage.uri_for(job.stage_path)} after training")
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
     return storage.uri_for(final[0][1]), metrics
-
-
-def _train_fn(loop_config: dict[str, Any]) -> None:
-    ray_train_loop(loop_config["job"])
 
 
 # ---------------------------------------------------------------------------------------------------------- eval

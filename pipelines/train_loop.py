@@ -9,7 +9,6 @@ Checkpoints are the self-describing directories of `recursive_model.checkpoint`,
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import shutil
@@ -17,7 +16,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -147,9 +145,36 @@ class RaySession(Session):
                 self._gauges["val_bpb"].set(float(value), tags={**tags, "recur": key.split("_r")[-1]})
 
 
-def ray_train_loop(job: StageJob) -> None:
-    """The `train_loop_per_worker` of every stage's TorchTrainer."""
+def ray_train_loop(loop_config: dict[str, Any]) -> None:
+    """The `train_loop_per_worker` of every stage's TorchTrainer (`train_loop_config={"job": StageJob}`)."""
+    job = loop_config["job"]
     run_stage(job, RaySession(job))
+
+
+def build_trainer(job: StageJob, callbacks: list | None = None):
+    """The TorchTrainer of one stage: workers from `scaling`, Ray's experiment dir is `job.stage_path`, restarts on
+    worker failure (`max_failures`), the last `keep_last` checkpoints kept. Used by the DAG and by Tune trials."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg, storage = job.config, job.storage
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
+    parent, name = job.stage_path.rsplit("/", 1)
+    return TorchTrainer(
+        ray_train_loop,
+        train_loop_config={"job": job},
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=parent,
+            storage_filesystem=storage.ray_storage_filesystem(),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.stage_config.keep_last),
+            callbacks=callbacks,
+        ),
+    )
 
 
 # --------------------------------------------------------------------------------------------------- checkpoints
@@ -419,5 +444,5 @@ def total_tokens(stage: StageConfig, seq_len: int, world_size: int) -> int:
     return stage.steps * stage.batch_size * seq_len * stage.grad_accum * world_size
 
 
-__all__ = ["StageJob", "run_stage", "ray_train_loop", "LocalSession", "RaySession", "list_checkpoints",
-           "fetch_latest_valid", "build_optimizers", "lr_multiplier", "total_tokens", "math", "Path"]
+__all__ = ["StageJob", "run_stage", "ray_train_loop", "build_trainer", "LocalSession", "RaySession",
+           "list_checkpoints", "fetch_latest_valid", "build_optimizers", "lr_multiplier", "total_tokens"]

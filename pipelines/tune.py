@@ -47,7 +47,7 @@ from .sweep import (
     results_json,
     results_markdown,
 )
-from .train_loop import LocalSession, RaySession, StageJob, list_checkpoints, ray_train_loop, run_stage, say
+from .train_loop import LocalSession, RaySession, StageJob, build_trainer, list_checkpoints, run_stage, say
 
 SWEEP_FILE = "sweep.json"
 TRAIN_DRIVER_CPU = 0.01  # a train-runner trial only waits on its TorchTrainer; Ray refuses 0
@@ -203,31 +203,7 @@ def run_trial(spec: SweepSpec, params: dict[str, Any], trial_id: str,
 
 def _fit_stage(job: StageJob, spec: SweepSpec, step_offset: int) -> None:
     """One TorchTrainer fit of a stage inside a Tune trial (trial_runner: train), laid out like the DAG's."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    cfg, storage = job.config, job.storage
-    sc = cfg.scaling
-    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"job": job},
-        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=job.stage,
-            storage_path=job.stage_path.rsplit("/", 1)[0],  # Ray's experiment dir <trial>/<stage> is stage_path
-            storage_filesystem=storage.ray_storage_filesystem(),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.stage_config.keep_last),
-            callbacks=[_objective_callback(spec.objective, step_offset, job.stage)],
-        ),
-    )
-    trainer.fit()
-
-
-def _train_worker(loop_config: dict[str, Any]) -> None:
-    ray_train_loop(loop_config["job"])
+    build_trainer(job, callbacks=[_objective_callback(spec.objective, step_offset, job.stage)]).fit()
 
 
 def _tune_trial(config: dict[str, Any], spec: SweepSpec) -> None:
