@@ -43,10 +43,9 @@ def test_dag_end_to_end_into_s3_and_rerun_skips_finished(ray_cluster, s3_bucket)
         assert [s for s, _ in list_checkpoints(storage, storage.join("e2e", stage))] == [6, 3]
     assert manifest.stages["sft"].metrics["step"] == 6 and "val_bpb_r1" in manifest.stages["sft"].metrics
     assert result.report_uri and storage.exists(f"{result.report_uri}/report_card.md")
-    t0 = time.perf_counter()
     again = run_pipeline(cfg)
     assert again.skipped == [*TRAIN_STAGES, "eval"]
-    assert time.perf_counter() - t0 < 30
+    assert PipelineManifest.load(storage, "e2e").stages["sft"].ended_at == manifest.stages["sft"].ended_at
 
 
 def _train_worker_pids() -> list[int]:
@@ -129,10 +128,12 @@ def test_unreachable_s3_fails_fast_naming_the_endpoint(ray_cluster, s3_bucket):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once the block ends: nothing listens there
     cfg = s3_config(s3_bucket, "down", endpoint=f"http://127.0.0.1:{port}")
-    t0 = time.perf_counter()
+    # The probe's connect timeout is cfg.storage.connect_timeout_s (5 s); a closed port fails at once.
     with pytest.raises(StorageUnreachable, match=f"127.0.0.1:{port}"):
         run_pipeline(cfg)
-    assert time.perf_counter() - t0 < 15
+    # nothing started: no manifest, no stage directory in the real bucket
+    direct = Storage(StorageConfig(uri=f"s3://{s3_bucket.name}/runs", endpoint_url=s3_bucket.endpoint_url))
+    assert not direct.exists(direct.join("down"))
 
 
 def test_transient_s3_failures_during_checkpoint_upload_are_retried(ray_cluster, s3_bucket):
