@@ -28,6 +28,7 @@ from tests.serve_fixtures import (  # noqa: F401  (the *_fixture imports registe
 )
 
 pytestmark = [
+    pytest.mark.slow,  # a real Ray Serve deployment
     # The tests use 1 s autoscaling windows on purpose; Serve warns they are below its deprecated 10 s interval.
     pytest.mark.filterwarnings("ignore:.*look_back_period_s.*:FutureWarning"),
 ]
