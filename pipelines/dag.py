@@ -8,8 +8,8 @@ unchanged config) and resumes an unfinished stage from its newest valid checkpoi
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,20 +34,14 @@ def stage_hashes(config: PipelineConfig) -> dict[str, str]:
     """Config hash per stage, chained: a stage reruns when its own config or any upstream stage's config changes."""
     model = config.gpt_config().to_dict()
     hashes: dict[str, str] = {}
-    prev = config_hash({"tokenizer": _asdict(config.tokenizer), "vocab_size": model["vocab_size"]})
+    prev = config_hash({"tokenizer": dataclasses.asdict(config.tokenizer), "vocab_size": model["vocab_size"]})
     hashes["tokenizer"] = prev
     for stage in config.stages:
-        prev = config_hash({"up": prev, "stage": _asdict(stage), "model": model, "seed": config.seed,
-                            "scaling": _asdict(config.scaling)})
+        prev = config_hash({"up": prev, "stage": dataclasses.asdict(stage), "model": model, "seed": config.seed,
+                            "scaling": dataclasses.asdict(config.scaling)})
         hashes[stage.name] = prev
-    hashes["eval"] = config_hash({"up": prev, "eval": _asdict(config.eval)})
+    hashes["eval"] = config_hash({"up": prev, "eval": dataclasses.asdict(config.eval)})
     return hashes
-
-
-def _asdict(obj: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
 
 
 def selected_stages(config: PipelineConfig, stages: list[str] | None) -> list[str]:
@@ -238,9 +232,3 @@ def run_eval_stage(config: PipelineConfig, storage: Storage, checkpoint_uri: str
                       num_gpus=1 if config.scaling.use_gpu else 0)(_evaluate)
     out = ray.get(task.remote(config, checkpoint_uri, stage_metrics))
     return out["uri"], {f"chatcore_r{k}": v for k, v in out["chatcore"].items()}
-
-
-def remove_run(storage: Storage, run_name: str) -> None:
-    """Delete a local run directory (tests and `rnc pipeline run --fresh`)."""
-    if not storage.is_s3:
-        shutil.rmtree(storage.join(run_name), ignore_errors=True)

@@ -24,7 +24,6 @@ via runtime_env env_vars); both clients read them. Credentials always come from 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -47,6 +46,8 @@ import pyarrow.fs as pafs
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 from s3transfer.exceptions import RetriesExceededError
+
+from recursive_model.checkpoint import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -453,7 +454,7 @@ def verify_checkpoint_dir(local_dir: str | os.PathLike[str]) -> dict[str, str]:
         path = root / rel
         if not path.is_file():
             raise CheckpointCorrupt(f"{rel} is listed in {MANIFEST_NAME} but missing", file=rel)
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != expected:
             raise CheckpointCorrupt(
                 f"{rel} is corrupt: sha256 {actual[:12]}… != manifest {str(expected)[:12]}…", file=rel
@@ -462,14 +463,6 @@ def verify_checkpoint_dir(local_dir: str | os.PathLike[str]) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 

@@ -440,9 +440,5 @@ def _fetch_checkpoint(storage: Storage, path: str, local: str) -> str:
     return path
 
 
-def total_tokens(stage: StageConfig, seq_len: int, world_size: int) -> int:
-    return stage.steps * stage.batch_size * seq_len * stage.grad_accum * world_size
-
-
 __all__ = ["StageJob", "run_stage", "ray_train_loop", "build_trainer", "LocalSession", "RaySession",
-           "list_checkpoints", "fetch_latest_valid", "build_optimizers", "lr_multiplier", "total_tokens"]
+           "list_checkpoints", "fetch_latest_valid", "build_optimizers", "lr_multiplier"]
