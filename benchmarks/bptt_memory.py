@@ -107,7 +107,7 @@ def main() -> None:
         preset, B, T, r_lo, r_hi = "cpu-small", 4, 256, 4, 16
     results = {}
     for k in (4, r_hi):
-        cfg = GPTConfig.from_preset(preset, train_recur_max=r_hi, bptt_k=k)
+        cfg = GPTConfig.from_preset(preset, recurrence=dict(r_max=r_hi, bptt_k=k))
         torch.manual_seed(0)
         model = GPT(cfg).train()
         x = torch.randint(0, cfg.vocab_size, (B, T))

@@ -80,10 +80,10 @@ def main() -> None:
     )
     args = p.parse_args()
     if args.quick:
-        cfg = GPTConfig.from_preset("tiny", train_recur_max=args.r_max)
+        cfg = GPTConfig.from_preset("tiny", recurrence=dict(r_max=args.r_max))
         B, T = 2, 16
     else:
-        cfg = GPTConfig.from_preset("cpu-small", train_recur_max=args.r_max)
+        cfg = GPTConfig.from_preset("cpu-small", recurrence=dict(r_max=args.r_max))
         B, T = 2, 64
     baseline_r_max = args.baseline_r_max or (min(2, args.r_max) if args.quick else args.r_max)
     baseline_backend = args.baseline_backend or ("eager" if args.quick else args.backend)
@@ -109,8 +109,8 @@ def main() -> None:
             "quick": args.quick,
             "backend": args.backend,
             "config": {
-                k: getattr(cfg, k)
-                for k in ("n_embd", "n_head", "n_prelude", "n_recur", "n_coda", "bptt_k", "vocab_size")
+                **{k: getattr(cfg, k) for k in ("n_embd", "n_head", "n_prelude", "n_recur", "n_coda", "vocab_size")},
+                "bptt_k": cfg.recurrence.bptt_k,
             },
             "batch": B,
             "seq": T,

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 import torch
 
 from benchmarks._common import emit, environment, interleaved, median, median_ratio, parser
-from recursive_model import GPT, GPTConfig, recur_generator, sample_num_recur
+from recursive_model import GPT, GPTConfig, recur_generator
 
 NOTES = (
     "bptt_k=4 at r=4 is full backprop; rpoi draws r per step (steps with r > 4 run r-4 recurrences forward-only), so "
@@ -66,13 +66,12 @@ def main() -> None:
     seed = 0
     base_cfg = GPTConfig.from_preset("d20", **shape)
     rec_cfg = GPTConfig.from_preset("d20-recursive", **shape)
-    rec_k2_cfg = GPTConfig.from_preset("d20-recursive", bptt_k=2, **shape)
-    r_mean = int(rec_cfg.train_recur_mean)
+    rec_k2_cfg = GPTConfig.from_preset("d20-recursive", recurrence=dict(bptt_k=2), **shape)
+    rec = rec_cfg.recurrence
+    r_mean = int(rec.mean)
 
     def r_poisson(step: int) -> int:
-        return sample_num_recur(
-            rec_cfg.train_recur_mean, rec_cfg.recur_sigma, rec_cfg.train_recur_max, recur_generator(seed, step)
-        )
+        return rec.sample(recur_generator(seed, step))
 
     trainers = {
         "baseline": Trainer(base_cfg, batch, steps, lambda step: None),
@@ -98,7 +97,7 @@ def main() -> None:
             "tokens_per_s_all_reps": [round(v, 1) for v in tok_s],
             "params": t.model.num_params(),
             "effective_depth": t.model.effective_depth(r_mean if t.model.config.is_recursive else None),
-            "bptt_k": t.model.config.bptt_k if t.model.config.is_recursive else None,
+            "bptt_k": t.model.config.recurrence.bptt_k if t.model.config.is_recursive else None,
             "flops_per_token": flops,  # mean over the timed steps
             "model_flops_per_s": median([f * v for f, v in zip(flops_of_call[name], tok_s, strict=True)]),
         }
@@ -134,8 +133,8 @@ def main() -> None:
                 "baseline_layers": base_cfg.n_prelude,
                 "recursive_PRC": [rec_cfg.n_prelude, rec_cfg.n_recur, rec_cfg.n_coda],
                 "r_mean": r_mean,
-                "r_max": rec_cfg.train_recur_max,
-                "recur_sigma": rec_cfg.recur_sigma,
+                "r_max": rec.r_max,
+                "recur_sigma": rec.sigma,
             },
             "variants": variants,
             "ratios_vs_baseline": ratios,

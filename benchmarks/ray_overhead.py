@@ -20,10 +20,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from checkpoints import Storage, list_checkpoints  # noqa: E402
 from pipelines.config import PipelineConfig  # noqa: E402
 from pipelines.dag import _train_tokenizer, run_train_stage  # noqa: E402
-from pipelines.storage import Storage  # noqa: E402
-from pipelines.train_loop import LocalSession, StageJob, list_checkpoints, run_stage  # noqa: E402
+from pipelines.train_loop import LocalSession, StageJob, run_stage  # noqa: E402
 
 
 def make_config(root: str, steps: int, quick: bool) -> PipelineConfig:
@@ -60,14 +60,13 @@ def run_local(cfg: PipelineConfig, run: str) -> tuple[float, float]:
 
 
 def run_ray(cfg: PipelineConfig, run: str) -> tuple[float, float]:
-    import dataclasses
 
     st = Storage(cfg.storage)
     # run_train_stage names paths after cfg.run_name: give each repetition its own run, sharing the tokenizer.
     shared = st.join(cfg.run_name, "tokenizer")
     st.upload_dir(shared, st.join(run, "tokenizer"))
     t0 = time.perf_counter()
-    _, metrics = run_train_stage(dataclasses.replace(cfg, run_name=run), st, "pretrain", None)
+    _, metrics = run_train_stage(cfg.replace(run_name=run), st, "pretrain", None)
     wall = time.perf_counter() - t0
     assert list_checkpoints(st, st.join(run, "pretrain"))
     return metrics["tokens_per_s"], wall

@@ -6,16 +6,13 @@
 Sources: the Ray pin in pyproject.toml (rayVersion, image tags, the launcher's version check), `PipelineConfig`
 presets (the pipeline ConfigMap), `SweepSpec` (the sweep ConfigMap, validated), `ServeConfig` +
 `serve.cli.build_serve_config` (the RayService's serveConfigV2, exactly what `rnc serve build` writes) and the metric
-names below (the Grafana dashboard). This file only declares and renders; edit it, not its outputs.
+list of grafana_dashboard.py (the Grafana dashboard). This file only declares and renders; edit it, not its outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
-import json
-import os
 import sys
 import tomllib
 from pathlib import Path
@@ -27,6 +24,7 @@ CLUSTER = Path(__file__).resolve().parent
 ROOT = CLUSTER.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the project packages are importable
 
+from cluster.grafana_dashboard import grafana_dashboard  # noqa: E402
 from pipelines.config import PipelineConfig  # noqa: E402
 from pipelines.sweep import SweepSpec  # noqa: E402
 from serve.cli import build_serve_config  # noqa: E402
@@ -53,36 +51,6 @@ S3_SECRET, WANDB_SECRET, SERVE_TOKEN_SECRET = "rnc-s3", "rnc-wandb", "rnc-serve-
 METRICS_PORT = 8080  # KubeRay's default metrics-export-port, scraped by the PodMonitor
 CONFIG_DIR = "/config"  # where the ConfigMaps are mounted in the head pod (RayJob entrypoints run there)
 
-# ------------------------------------------------------------------------------------------------------ metrics
-# Custom metrics the code exports through ray.util.metrics (pipelines/train_loop.py RaySession._export_metrics,
-# pipelines/tune.py TuneSession, serve/metrics.py). Ray prefixes them with `ray_`; counters get `_total`.
-# (exported name, type, labels, meaning); tests/test_cluster.py checks this list against the source.
-TRAIN_METRICS = [
-    ("ray_rnc_train_tokens_per_s", "gauge", "run, stage", "training throughput, all ranks together (tokens/s)"),
-    ("ray_rnc_train_mfu", "gauge", "run, stage", "model FLOPs utilisation per device, a fraction (0.4 = 40%)"),
-    ("ray_rnc_train_num_recur", "gauge", "run, stage", "recurrences r sampled for the latest logged step"),
-    ("ray_rnc_train_loss", "gauge", "run, stage", "training loss of the latest logged step"),
-    ("ray_rnc_train_lr", "gauge", "run, stage", "matrix learning rate of the latest logged step"),
-    ("ray_rnc_train_step", "gauge", "run, stage", "optimizer steps done in the stage"),
-    ("ray_rnc_val_bpb", "gauge", "run, stage, recur", "validation bits per byte at test-time r = recur"),
-]
-SERVE_METRICS = [
-    ("ray_rnc_serve_generated_tokens_total", "counter", "tier", "generated tokens (rate = tokens/s)"),
-    (
-        "ray_rnc_serve_recurrences_total",
-        "counter",
-        "tier",
-        "recurrences spent on generated tokens (rate / token rate = mean recurrences per token)",
-    ),
-    ("ray_rnc_serve_tokens_per_second", "gauge", "tier", "tokens/s of the latest decoded batch"),
-    ("ray_rnc_serve_mean_recurrences_per_token", "gauge", "tier", "mean r per token of the latest request"),
-    ("ray_rnc_serve_queue_length", "gauge", "tier", "requests waiting for a batch (per replica)"),
-    ("ray_rnc_serve_queue_wait_seconds", "histogram", "tier", "arrival to start of the request's batch"),
-    ("ray_rnc_serve_batch_size", "gauge", "tier", "requests in the latest batch"),
-    ("ray_rnc_serve_requests_total", "counter", "tier, finish_reason", "finished generation requests"),
-    ("ray_rnc_serve_http_responses_total", "counter", "tier, status", "HTTP responses of /v1/chat/completions"),
-]
-
 
 # ------------------------------------------------------------------------------------------------- YAML output
 class _Block(str):
@@ -102,11 +70,6 @@ def dump(*docs: dict[str, Any], comment: str = "") -> str:
 
 
 # ---------------------------------------------------------------------------------------------- typed configs
-def clean_env() -> dict[str, str]:
-    """StorageConfig resolves endpoint/region from AWS_* variables at construction: render without them."""
-    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-
-
 def pipeline_config() -> PipelineConfig:
     """The GPU pipeline the RayJob runs: the d20-recursive preset, runs in the team bucket."""
     return PipelineConfig.from_preset("d20-recursive", storage={"uri": RUNS_URI, "region": REGION})
@@ -116,8 +79,7 @@ def sweep_spec() -> dict[str, Any]:
     """The GPU sweep the tune RayJob runs: recurrence sampling x truncated BPTT on a shortened d20 pretraining, one
     GPU per trial (a TorchTrainer each), eight trials at once on one 8-GPU node. Validated by SweepSpec."""
     base = pipeline_config()
-    pretrain = dataclasses.replace(
-        base.stage("pretrain"),
+    pretrain = base.stage("pretrain").replace(
         steps=2000,
         eval_every=250,
         checkpoint_every=500,
@@ -131,10 +93,10 @@ def sweep_spec() -> dict[str, Any]:
             "preset": "d20-recursive",
             "storage": {"uri": RUNS_URI, "region": REGION},
             "scaling": {"num_workers": 1, "use_gpu": True, "cpus_per_worker": 8, "gpus_per_worker": 1},
-            "stages": [dataclasses.asdict(pretrain)],
+            "stages": [pretrain.to_dict()],
         },
         "stage": "pretrain",
-        "space": {"recur_sigma": {"grid": [0.25, 0.5, 1.0]}, "bptt_k": {"grid": [2, 4]}},
+        "space": {"recurrence.sigma": {"grid": [0.25, 0.5, 1.0]}, "recurrence.bptt_k": {"grid": [2, 4]}},
         "num_samples": 1,
         "max_concurrent_trials": 8,
         "objective": {"recurrences": [2, 4, 8, 16], "combine": "mean"},
@@ -162,7 +124,7 @@ def serve_config() -> ServeConfig:
                 kv_cache="final",
                 num_cpus=2,
                 num_gpus=0.5,
-                max_batch_size=32,
+                max_running=32,
                 autoscaling=AutoscalingSpec(**scale),
                 description="fast, shallow",
             ),
@@ -173,7 +135,7 @@ def serve_config() -> ServeConfig:
                 kv_cache="exact",
                 num_cpus=2,
                 num_gpus=0.5,
-                max_batch_size=32,
+                max_running=32,
                 autoscaling=AutoscalingSpec(**scale),
                 description="training depth",
             ),
@@ -185,7 +147,7 @@ def serve_config() -> ServeConfig:
                 kv_cache="exact",
                 num_cpus=4,
                 num_gpus=1,
-                max_batch_size=16,
+                max_running=16,
                 autoscaling=AutoscalingSpec(**{**scale, "max_replicas": 2}),
                 description="deeper than training: test-time compute",
             ),
@@ -635,234 +597,33 @@ def launcher() -> str:
     )
 
 
-# ------------------------------------------------------------------------------------------------------ Grafana
-def grafana_dashboard() -> str:
-    """Our metrics, one panel each; Ray's own dashboards (default, train, serve) sit next to it in Grafana."""
-    panels: list[dict[str, Any]] = []
-    y = 0
-
-    def row(title: str) -> None:
-        nonlocal y
-        panels.append(
-            {
-                "type": "row",
-                "title": title,
-                "collapsed": False,
-                "panels": [],
-                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
-            }
-        )
-        y += 1
-
-    def panel(title: str, unit: str, description: str, *exprs: tuple[str, str]) -> None:
-        nonlocal y
-        n = sum(1 for p in panels if p["type"] == "timeseries")
-        x = 0 if n % 2 == 0 else 12
-        panels.append(
-            {
-                "type": "timeseries",
-                "title": title,
-                "description": description,
-                "datasource": "${datasource}",
-                "gridPos": {"h": 8, "w": 12, "x": x, "y": y},
-                "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-                "options": {"legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull", "max"]}},
-                "targets": [
-                    {"expr": e, "legendFormat": legend, "refId": chr(65 + i)} for i, (e, legend) in enumerate(exprs)
-                ],
-            }
-        )
-        if x == 12:
-            y += 8
-
-    run = 'run=~"$run"'
-    row("Training (rank 0 of each stage; ray_rnc_train_*)")
-    panel(
-        "Tokens / s",
-        "short",
-        "All ranks together.",
-        (f"sum by (run, stage) (ray_rnc_train_tokens_per_s{{{run}}})", "{{run}} {{stage}}"),
-    )
-    panel(
-        "MFU",
-        "percentunit",
-        "Model FLOPs utilisation per device.",
-        (f"max by (run, stage) (ray_rnc_train_mfu{{{run}}})", "{{run}} {{stage}}"),
-    )
-    panel(
-        "Recurrences per step (sampled r)",
-        "short",
-        "r drawn for the latest logged step.",
-        (f"max by (run, stage) (ray_rnc_train_num_recur{{{run}}})", "{{run}} {{stage}}"),
-        (f"avg_over_time(max by (run, stage) (ray_rnc_train_num_recur{{{run}}})[$window:])", "mean {{run}} {{stage}}"),
-    )
-    panel(
-        "Loss", "short", "Training loss.", (f"max by (run, stage) (ray_rnc_train_loss{{{run}}})", "{{run}} {{stage}}")
-    )
-    panel(
-        "Validation bits per byte by test-time r",
-        "short",
-        "Lower is better; one line per r.",
-        (f"max by (run, stage, recur) (ray_rnc_val_bpb{{{run}}})", "{{run}} {{stage}} r={{recur}}"),
-    )
-    panel(
-        "Step and learning rate",
-        "short",
-        "Optimizer steps done; lr on the right axis.",
-        (f"max by (run, stage) (ray_rnc_train_step{{{run}}})", "step {{run}} {{stage}}"),
-        (f"max by (run, stage) (ray_rnc_train_lr{{{run}}})", "lr {{run}} {{stage}}"),
-    )
-    if len([p for p in panels if p["type"] == "timeseries"]) % 2:
-        y += 8
-    tier = 'tier=~"$tier"'
-    row("Serving (per tier; ray_rnc_serve_*)")
-    panel(
-        "Generated tokens / s",
-        "short",
-        "Rate of the generated-token counter.",
-        (f"sum by (tier) (rate(ray_rnc_serve_generated_tokens_total{{{tier}}}[$window]))", "{{tier}}"),
-    )
-    panel(
-        "Mean recurrences per token",
-        "short",
-        "Recurrences spent / tokens generated over the window.",
-        (
-            f"sum by (tier) (rate(ray_rnc_serve_recurrences_total{{{tier}}}[$window])) / "
-            f"sum by (tier) (rate(ray_rnc_serve_generated_tokens_total{{{tier}}}[$window]))",
-            "{{tier}}",
-        ),
-    )
-    panel(
-        "Queue length",
-        "short",
-        "Requests waiting for a batch, summed over replicas.",
-        (f"sum by (tier) (ray_rnc_serve_queue_length{{{tier}}})", "{{tier}}"),
-    )
-    panel(
-        "Queue wait (p50, p95)",
-        "s",
-        "Arrival to the start of the request's batch.",
-        (
-            f"histogram_quantile(0.5, sum by (tier, le) (rate(ray_rnc_serve_queue_wait_seconds_bucket{{{tier}}}"
-            f"[$window])))",
-            "p50 {{tier}}",
-        ),
-        (
-            f"histogram_quantile(0.95, sum by (tier, le) (rate(ray_rnc_serve_queue_wait_seconds_bucket{{{tier}}}"
-            f"[$window])))",
-            "p95 {{tier}}",
-        ),
-    )
-    panel(
-        "Requests / s by finish reason",
-        "reqps",
-        "Finished generation requests.",
-        (
-            f"sum by (tier, finish_reason) (rate(ray_rnc_serve_requests_total{{{tier}}}[$window]))",
-            "{{tier}} {{finish_reason}}",
-        ),
-    )
-    panel(
-        "HTTP responses / s by status",
-        "reqps",
-        "Ingress responses; tier '-' = refused before routing.",
-        ("sum by (tier, status) (rate(ray_rnc_serve_http_responses_total[$window]))", "{{tier}} {{status}}"),
-    )
-    panel(
-        "Batch size and batch tokens / s",
-        "short",
-        "Latest batch per replica.",
-        (f"avg by (tier) (ray_rnc_serve_batch_size{{{tier}}})", "batch size {{tier}}"),
-        (f"sum by (tier) (ray_rnc_serve_tokens_per_second{{{tier}}})", "tokens/s {{tier}}"),
-    )
-    panel(
-        "Mean r of the latest request",
-        "short",
-        "Per replica, averaged.",
-        (f"avg by (tier) (ray_rnc_serve_mean_recurrences_per_token{{{tier}}})", "{{tier}}"),
-    )
-
-    def query_var(name: str, metric: str) -> dict[str, Any]:
-        return {
-            "name": name,
-            "type": "query",
-            "datasource": "${datasource}",
-            "refresh": 2,
-            "includeAll": True,
-            "multi": True,
-            "allValue": ".*",
-            "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-            "definition": f"label_values({metric}, {name})",
-            "query": {"query": f"label_values({metric}, {name})", "refId": "StandardVariableQuery"},
-        }
-
-    dashboard = {
-        "title": "recursive-nanochat",
-        "uid": "rnc-recursive-nanochat",
-        "tags": ["ray", "rnc"],
-        "schemaVersion": 27,
-        "version": 1,
-        "editable": True,
-        "refresh": "30s",
-        "time": {"from": "now-1h", "to": "now"},
-        "templating": {
-            "list": [
-                {
-                    "name": "datasource",
-                    "type": "datasource",
-                    "query": "prometheus",
-                    "hide": 0,
-                    "current": {"selected": False},
-                },
-                {
-                    "name": "window",
-                    "type": "interval",
-                    "query": "30s,1m,5m,15m",
-                    "auto": False,
-                    "current": {"selected": True, "text": "1m", "value": "1m"},
-                },
-                query_var("run", "ray_rnc_train_step"),
-                query_var("tier", "ray_rnc_serve_queue_length"),
-            ]
-        },
-        "panels": panels,
-    }
-    return json.dumps(dashboard, indent=2) + "\n"
-
-
 # ---------------------------------------------------------------------------------------------------- the files
 def render_all() -> dict[str, str]:
     """Relative path under cluster/ -> content, for every generated file."""
-    saved = clean_env()
-    for key in saved:
-        del os.environ[key]
-    try:
-        return {
-            "kuberay/raycluster.yaml": raycluster(),
-            "kuberay/rayjob-pipeline.yaml": rayjob_pipeline(),
-            "kuberay/rayjob-tune.yaml": rayjob_tune(),
-            "kuberay/rayservice.yaml": rayservice(),
-            "kuberay/secrets.example.yaml": secrets_example(),
-            "kuberay/monitoring.yaml": monitoring(),
-            "aws/ray-cluster.yaml": launcher(),
-            "monitoring/rnc_grafana_dashboard.json": grafana_dashboard(),
-            "local/pipeline-tiny-2node.yaml": HEADER
-            + (
-                "# The tiny pipeline with one DDP worker on each node of the local two-node cluster (local/up.sh).\n"
-                "#   rnc pipeline run --config cluster/local/pipeline-tiny-2node.yaml --address $RAY_ADDRESS "
-                "--storage s3://$RNC_BUCKET/runs\n"
-            )
-            + yaml.safe_dump(local_pipeline(), sort_keys=False),
-            "local/serve-tiny.yaml": HEADER
-            + (
-                "# Serve config (ServeConfig) for the local cluster; the checkpoint comes from the command line.\n"
-                "#   rnc serve deploy --address $RAY_ADDRESS --config cluster/local/serve-tiny.yaml "
-                "--checkpoint s3://$RNC_BUCKET/runs/tiny-2node/sft/step_000006 --port $RNC_SERVE_PORT\n"
-            )
-            + yaml.safe_dump(local_serve(), sort_keys=False),
-        }
-    finally:
-        os.environ.update(saved)
+    return {
+        "kuberay/raycluster.yaml": raycluster(),
+        "kuberay/rayjob-pipeline.yaml": rayjob_pipeline(),
+        "kuberay/rayjob-tune.yaml": rayjob_tune(),
+        "kuberay/rayservice.yaml": rayservice(),
+        "kuberay/secrets.example.yaml": secrets_example(),
+        "kuberay/monitoring.yaml": monitoring(),
+        "aws/ray-cluster.yaml": launcher(),
+        "monitoring/rnc_grafana_dashboard.json": grafana_dashboard(),
+        "local/pipeline-tiny-2node.yaml": HEADER
+        + (
+            "# The tiny pipeline with one DDP worker on each node of the local two-node cluster (local/up.sh).\n"
+            "#   rnc pipeline run --config cluster/local/pipeline-tiny-2node.yaml --address $RAY_ADDRESS "
+            "--storage s3://$RNC_BUCKET/runs\n"
+        )
+        + yaml.safe_dump(local_pipeline(), sort_keys=False),
+        "local/serve-tiny.yaml": HEADER
+        + (
+            "# Serve config (ServeConfig) for the local cluster; the checkpoint comes from the command line.\n"
+            "#   rnc serve deploy --address $RAY_ADDRESS --config cluster/local/serve-tiny.yaml "
+            "--checkpoint s3://$RNC_BUCKET/runs/tiny-2node/sft/step_000006 --port $RNC_SERVE_PORT\n"
+        )
+        + yaml.safe_dump(local_serve(), sort_keys=False),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

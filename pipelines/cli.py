@@ -1,18 +1,18 @@
-"""`rnc`: the command line. Each command parses, builds a typed config and calls one function."""
+"""`rnc pipeline run|submit|status` and `rnc config show`: each command parses, builds a typed config and calls one
+function. The `rnc` entry point itself is rnc/cli.py."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from .config import ALL_STAGES, ConfigError, PipelineConfig
-from .storage import StorageError
+from .config import ALL_STAGES, PipelineConfig
 
-PROJECT_PACKAGES = ("recursive_model", "pipelines", "serve")
+# What a Ray Job needs of this repository (runtime_env py_modules): every package `rnc` imports.
+PROJECT_PACKAGES = ("rnc", "recursive_model", "checkpoints", "export", "pipelines", "serve")
 
 
 class CliError(Exception):
@@ -74,8 +74,9 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline_status(args: argparse.Namespace) -> int:
+    from checkpoints import Storage
+
     from .manifest import PipelineManifest
-    from .storage import Storage
 
     cfg = load_pipeline_config(args)
     storage = Storage(cfg.storage)
@@ -100,7 +101,7 @@ def submit_job(cfg: PipelineConfig, address: str, stages: str | None = None, ext
     root = Path(__file__).resolve().parent.parent
     work = Path(tempfile.mkdtemp(prefix="rnc-submit-"))
     (work / "pipeline.yaml").write_text(cfg.to_yaml())
-    entry = "python -m pipelines.cli pipeline run --config pipeline.yaml"
+    entry = "python -m rnc pipeline run --config pipeline.yaml"
     if stages:
         entry += f" --stages {stages}"
     runtime_env = {"working_dir": str(work), "py_modules": [str(root / p) for p in PROJECT_PACKAGES]}
@@ -130,10 +131,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rnc", description="Train, evaluate and serve recursive GPTs on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_pipeline_subcommands(sub: argparse._SubParsersAction) -> None:
+    """Register `rnc pipeline {run,submit,status}` and `rnc config show` (called by rnc.cli)."""
     pipe = sub.add_parser("pipeline", help="run, submit or inspect the tokenizer -> pretrain -> mid -> sft -> eval DAG")
     psub = pipe.add_subparsers(dest="pipeline_command", required=True)
     run = psub.add_parser("run", help="run the pipeline on a local Ray cluster or the one at --address")
@@ -156,33 +155,3 @@ def build_parser() -> argparse.ArgumentParser:
     show = csub.add_parser("show", help="print the full effective pipeline config as YAML")
     _add_config_args(show)
     show.set_defaults(func=cmd_config_show)
-
-    for module, fn in (("pipelines.eval_cli", "add_eval_subcommand"), ("pipelines.tune", "add_tune_subcommand"),
-                       ("serve.cli", "add_serve_subcommands")):
-        try:
-            mod = __import__(module, fromlist=[fn])
-        except ImportError:
-            continue
-        getattr(mod, fn)(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters: no token file needed
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (CliError, ConfigError) as exc:
-        print(f"rnc: error: {exc}", file=sys.stderr)
-        return 2
-    except StorageError as exc:
-        print(f"rnc: storage error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("rnc: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

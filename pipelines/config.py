@@ -1,165 +1,115 @@
 """PipelineConfig: the one typed config of a pipeline run (tokenizer -> pretrain -> mid -> sft -> eval).
 
-YAML files map 1:1 onto these dataclasses; unknown fields and bad values raise ConfigError naming the field path
-(e.g. `stages[1].lr`). `rnc config show --preset NAME` prints the effective config of a preset as YAML, and that YAML
-is accepted back by `rnc pipeline run --config FILE`.
+Pydantic models on the shared conventions of recursive_model/yaml_config.py: YAML files map 1:1 onto them; unknown
+fields and bad values raise ConfigError naming the field path (e.g. `stages[1].lr`). `rnc config show --preset NAME`
+prints the effective config of a preset as YAML, and that YAML is accepted back by `rnc pipeline run --config FILE`.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
-import types
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import Field, field_validator, model_validator
 
+from checkpoints import StorageConfig
 from recursive_model.config import GPTConfig
+from recursive_model.recurrence import ExitRule, RecurrenceSampling
+from recursive_model.yaml_config import ConfigError, DataclassField, StrictModel, build, read_yaml_mapping
 
-from .storage import StorageConfig
-
+PositiveInt = Annotated[int, Field(ge=1)]
 STAGE_KINDS = ("pretrain", "mid", "sft")
 ALL_STAGES = ("tokenizer", "pretrain", "mid", "sft", "eval")
-# Peak dense bf16 FLOP/s per device for MFU; the CPU figure is a rough 2-core AVX2 fp32 number.
-PEAK_FLOPS = {"h100": 989e12, "a100": 312e12, "l4": 121e12, "cpu": 2e11}
+
+__all__ = ["ConfigError", "PipelineConfig", "StageConfig", "EvalSpec", "ScalingSpec", "TokenizerSpec", "WandbSpec",
+           "PIPELINE_PRESETS", "STAGE_KINDS", "ALL_STAGES"]
 
 
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field path, the value and what is allowed."""
-
-
-@dataclass
-class ScalingSpec:
+class ScalingSpec(StrictModel):
     """Ray Train workers for each training stage."""
 
-    num_workers: int = 1  # DDP ranks (gloo on CPU, NCCL on GPU)
-    use_gpu: bool = False  # one GPU per worker when true
-    cpus_per_worker: float = 1.0  # fractional values avoid oversubscribing small machines
-    gpus_per_worker: float = 1.0  # only used with use_gpu
-
-    def validate(self, path: str) -> None:
-        _require(self.num_workers >= 1, f"{path}.num_workers", self.num_workers, ">= 1")
-        _require(self.cpus_per_worker > 0, f"{path}.cpus_per_worker", self.cpus_per_worker, "> 0")
-        _require(self.gpus_per_worker > 0, f"{path}.gpus_per_worker", self.gpus_per_worker, "> 0")
+    num_workers: int = Field(1, ge=1, description="DDP ranks (gloo on CPU, NCCL on GPU)")
+    use_gpu: bool = Field(False, description="one GPU per worker when true")
+    cpus_per_worker: float = Field(1.0, gt=0, description="fractional values avoid oversubscribing small machines")
+    gpus_per_worker: float = Field(1.0, gt=0, description="only used with use_gpu")
 
 
-@dataclass
-class TokenizerSpec:
+class TokenizerSpec(StrictModel):
     """Tokenizer training (vocab size comes from the model config)."""
 
-    corpus: str = "shipped"  # corpus preset or source (see recursive_model.corpus)
-    max_chars: int = 20_000_000  # characters of the corpus used for BPE training
-
-    def validate(self, path: str) -> None:
-        _require(self.max_chars >= 1000, f"{path}.max_chars", self.max_chars, ">= 1000")
+    corpus: str = Field("shipped", description="corpus preset or source (see recursive_model.corpus)")
+    max_chars: int = Field(20_000_000, ge=1000, description="characters of the corpus used for BPE training")
 
 
-@dataclass
-class StageConfig:
+class StageConfig(StrictModel):
     """One training stage. pretrain, mid and sft share the loop and differ only in these values."""
 
-    name: str = "pretrain"  # pretrain | mid | sft
-    data: str = "shipped"  # pretrain: corpus preset/source; mid/sft: mixture preset (recursive_model.tasks)
-    steps: int = 100  # optimizer steps
-    batch_size: int = 8  # sequences per rank per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    optimizer: str = "adamw"  # adamw | muon (Muon for matrices, AdamW for embeddings and head, as nanochat)
-    lr: float = 3e-3  # matrix learning rate (AdamW) or Muon lr
-    embedding_lr: float = 3e-2  # token embedding learning rate
-    head_lr: float = 3e-3  # lm_head learning rate
-    weight_decay: float = 0.0
-    warmup_steps: int = 10  # linear warmup
-    warmdown_frac: float = 0.3  # last fraction of steps decays linearly to final_lr_frac
-    final_lr_frac: float = 0.05
-    grad_clip: float = 1.0  # 0 disables
-    recur_mean: float | None = None  # None -> model.train_recur_mean (recurrence sampling per stage)
-    recur_max: int | None = None  # None -> model.train_recur_max
-    recur_sigma: float | None = None  # None -> model.recur_sigma
-    bptt_k: int | None = None  # None -> model.bptt_k
-    eval_every: int = 50  # validation bits-per-byte every N steps (and at the end)
-    eval_batches: int = 4
-    eval_recur: list[int] = field(default_factory=list)  # r values for validation; empty -> [model.eval_recur]
-    checkpoint_every: int = 50  # checkpoint every N steps (and at the end)
-    keep_last: int = 2  # checkpoints kept per stage (the final one is always the newest)
-    log_every: int = 10
+    name: Literal["pretrain", "mid", "sft"] = "pretrain"
+    data: str = Field("shipped", description="pretrain: corpus preset/source; mid/sft: mixture preset (tasks)")
+    steps: int = Field(100, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="sequences per rank per micro-step")
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw | muon (Muon for matrices, AdamW for embeddings and head, as nanochat)"
+    )
+    lr: float = Field(3e-3, gt=0, lt=10, description="matrix learning rate (AdamW) or Muon lr")
+    embedding_lr: float = Field(3e-2, gt=0, lt=10, description="token embedding learning rate")
+    head_lr: float = Field(3e-3, gt=0, lt=10, description="lm_head learning rate")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0, description="linear warmup")
+    warmdown_frac: float = Field(0.3, ge=0, le=1, description="last fraction of steps decays linearly to final_lr_frac")
+    final_lr_frac: float = Field(0.05, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables")
+    recurrence: DataclassField(RecurrenceSampling) | None = Field(
+        None,
+        description="the draw of r and truncated BPTT in this stage; None: the model's. A partial mapping "
+        "(e.g. {bptt_k: 1}) overrides only the keys it names, on top of the model's",
+    )
+    eval_every: int = Field(50, ge=1, description="validation bits-per-byte every N steps (and at the end)")
+    eval_batches: int = Field(4, ge=1)
+    eval_recur: list[PositiveInt] = Field(
+        default_factory=list, description="r values for validation; empty: [model.decode.num_recur]"
+    )
+    checkpoint_every: int = Field(50, ge=1, description="checkpoint every N steps (and at the end)")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept per stage (the final one is always the newest)")
+    log_every: int = Field(10, ge=1)
 
-    def validate(self, path: str) -> None:
-        _require(self.name in STAGE_KINDS, f"{path}.name", self.name, f"one of {STAGE_KINDS}")
-        for f in (
-            "steps",
-            "batch_size",
-            "grad_accum",
-            "eval_every",
-            "eval_batches",
-            "checkpoint_every",
-            "keep_last",
-            "log_every",
-        ):
-            _require(getattr(self, f) >= 1, f"{path}.{f}", getattr(self, f), ">= 1")
-        _require(self.optimizer in ("adamw", "muon"), f"{path}.optimizer", self.optimizer, "'adamw' or 'muon'")
-        for f in ("lr", "embedding_lr", "head_lr"):
-            _require(0 < getattr(self, f) < 10, f"{path}.{f}", getattr(self, f), "(0, 10)")
-        _require(self.weight_decay >= 0, f"{path}.weight_decay", self.weight_decay, ">= 0")
-        _require(self.warmup_steps >= 0, f"{path}.warmup_steps", self.warmup_steps, ">= 0")
-        _require(0 <= self.warmdown_frac <= 1, f"{path}.warmdown_frac", self.warmdown_frac, "[0, 1]")
-        _require(0 <= self.final_lr_frac <= 1, f"{path}.final_lr_frac", self.final_lr_frac, "[0, 1]")
-        _require(self.grad_clip >= 0, f"{path}.grad_clip", self.grad_clip, ">= 0")
-        for r in self.eval_recur:
-            _require(isinstance(r, int) and r >= 1, f"{path}.eval_recur", self.eval_recur, "integers >= 1")
-
-    def model_config(self, base: GPTConfig) -> GPTConfig:
-        """The model config with this stage's recurrence-sampling overrides applied."""
-        over = {
-            k: v
-            for k, v in (
-                ("train_recur_mean", self.recur_mean),
-                ("train_recur_max", self.recur_max),
-                ("recur_sigma", self.recur_sigma),
-                ("bptt_k", self.bptt_k),
-            )
-            if v is not None
-        }
-        return dataclasses.replace(base, **over) if over else base
+    def recurrence_for(self, model: GPTConfig) -> RecurrenceSampling:
+        """The recurrence sampling this stage trains with: its own, else the model's."""
+        return self.recurrence if self.recurrence is not None else model.recurrence
 
 
-@dataclass
-class EvalSpec:
+class EvalSpec(StrictModel):
     """The eval stage: tasks x recurrences on the final checkpoint."""
 
-    tasks: list[str] = field(default_factory=lambda: ["reasoning", "arithmetic", "spelling_bee"])
-    recurrences: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    adaptive: str | None = None  # e.g. "kl:5e-4" or "latent:1e-3"
-    max_problems: int = 50  # per task
-    max_tokens: int = 32
-    batch_size: int = 16
+    tasks: list[str] = Field(default_factory=lambda: ["reasoning", "arithmetic", "spelling_bee"])
+    recurrences: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
+    adaptive: DataclassField(ExitRule, parse=ExitRule.parse, dump=str) | None = Field(
+        None, description="also decode at max r with this exit rule: 'kl:5e-4[:min_recur]' or a mapping"
+    )
+    max_problems: int = Field(50, ge=1, description="per task")
+    max_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(16, ge=1)
 
-    def validate(self, path: str) -> None:
-        from recursive_model.evaluation import check_task_names, parse_adaptive
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        from recursive_model.evaluation import check_task_names
 
-        try:  # a typo in the eval spec fails before hours of training, not after
-            check_task_names(self.tasks)
-            if self.adaptive:
-                parse_adaptive(self.adaptive)
-        except ValueError as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
-        _require(len(self.recurrences) > 0, f"{path}.recurrences", self.recurrences, "a non-empty list")
-        for r in self.recurrences:
-            _require(isinstance(r, int) and r >= 1, f"{path}.recurrences", self.recurrences, "integers >= 1")
-        _require(self.max_problems >= 1, f"{path}.max_problems", self.max_problems, ">= 1")
-        _require(self.max_tokens >= 1, f"{path}.max_tokens", self.max_tokens, ">= 1")
+        check_task_names(tasks)  # a typo in the eval spec fails before hours of training, not after
+        return tasks
 
 
-@dataclass
-class WandbSpec:
+class WandbSpec(StrictModel):
     """Weights & Biases logging: offline unless WANDB_API_KEY is set (or mode is given)."""
 
     project: str = "recursive-nanochat"
-    mode: str | None = None  # online | offline | disabled; None -> online with WANDB_API_KEY, else offline
-    dir: str | None = None  # None -> <storage>/<run>/wandb for local storage, else ~/.cache/rnc/wandb
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="None: online with WANDB_API_KEY, else offline"
+    )
+    dir: str | None = Field(None, description="None: <storage>/<run>/wandb for local storage, else ~/.cache/rnc/wandb")
 
     def resolved_mode(self) -> str:
         """mode, else WANDB_MODE, else online with WANDB_API_KEY set, else offline."""
@@ -169,54 +119,78 @@ class WandbSpec:
             return os.environ["WANDB_MODE"]
         return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
-    def validate(self, path: str) -> None:
-        ok = self.mode in (None, "online", "offline", "disabled")
-        _require(ok, f"{path}.mode", self.mode, "online | offline | disabled")
 
-
-@dataclass
-class PipelineConfig:
+class PipelineConfig(StrictModel):
     """A whole pipeline run."""
 
     run_name: str = "cpu-small"
-    model: dict[str, Any] = field(default_factory=lambda: {"preset": "cpu-small"})  # preset + GPTConfig overrides
-    storage: StorageConfig = field(default_factory=lambda: StorageConfig(uri="./runs"))  # local path or s3://
-    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
-    stages: list[StageConfig] = field(default_factory=list)
-    eval: EvalSpec = field(default_factory=EvalSpec)
-    scaling: ScalingSpec = field(default_factory=ScalingSpec)
-    wandb: WandbSpec = field(default_factory=WandbSpec)
-    seed: int = 42  # data order, recurrence draws (per step), init
-    device_peak_flops: float | None = None  # None -> by device (PEAK_FLOPS)
-    max_failures: int = 2  # Ray Train worker-group restarts per stage
+    model: dict[str, Any] = Field(
+        default_factory=lambda: {"preset": "cpu-small"}, description="preset + GPTConfig overrides"
+    )
+    storage: DataclassField(StorageConfig) = Field(
+        default_factory=lambda: StorageConfig(uri="./runs"), description="local path or s3://"
+    )
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    stages: list[StageConfig] = Field(default_factory=list)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    wandb: WandbSpec = Field(default_factory=WandbSpec)
+    seed: int = Field(42, description="data order, recurrence draws (per step), init")
+    device_peak_flops: float | None = Field(
+        None, gt=0, description="None: by device name (recursive_model.optim.PEAK_FLOPS)"
+    )
+    max_failures: int = Field(2, ge=0, description="Ray Train worker-group restarts per stage")
     log_progress: bool = True
 
-    def __post_init__(self) -> None:
-        self.validate()
+    @model_validator(mode="before")
+    @classmethod
+    def _complete_stage_recurrence(cls, data: Any) -> Any:
+        """A stage's partial `recurrence` mapping completed with the model's values (what the stage would otherwise
+        use), so `recurrence: {bptt_k: 1}` changes bptt_k alone."""
+        stages = data.get("stages") if isinstance(data, dict) else None
+        if not isinstance(stages, list):
+            return data
+        partial = [i for i, s in enumerate(stages) if isinstance(s, dict) and isinstance(s.get("recurrence"), dict)]
+        model = data.get("model", cls.model_fields["model"].default_factory())
+        if not partial or not isinstance(model, dict):
+            return data
+        try:
+            base = _gpt_config(model).recurrence.to_dict()
+        except (ValueError, TypeError):
+            return data  # the `model` field reports it
+        stages = list(stages)
+        for i in partial:
+            stages[i] = {**stages[i], "recurrence": {**base, **stages[i]["recurrence"]}}
+        return {**data, "stages": stages}
 
-    def validate(self) -> None:
-        _require(bool(self.run_name) and "/" not in self.run_name, "run_name", self.run_name, "a name without '/'")
-        self.gpt_config()  # raises ConfigError naming model.<field>
-        self.tokenizer.validate("tokenizer")
-        self.eval.validate("eval")
-        self.scaling.validate("scaling")
-        self.wandb.validate("wandb")
-        names = [s.name for s in self.stages]
-        _require(len(set(names)) == len(names), "stages", names, "each stage name at most once")
-        for i, s in enumerate(self.stages):
-            s.validate(f"stages[{i}]")
-            try:
-                s.model_config(self.gpt_config())
-            except ValueError as exc:
-                raise ConfigError(f"stages[{i}] ({s.name}): {exc}") from exc
-        _require(self.max_failures >= 0, "max_failures", self.max_failures, ">= 0")
+    @field_validator("run_name")
+    @classmethod
+    def _check_run_name(cls, name: str) -> str:
+        if not name or "/" in name:
+            raise ValueError(f"{name!r} is invalid; allowed: a non-empty name without '/'")
+        return name
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, model: dict[str, Any]) -> dict[str, Any]:
+        try:
+            _gpt_config(model)
+        except TypeError as exc:  # e.g. a preset override of a field GPTConfig does not have
+            raise ValueError(str(exc)) from None
+        return model
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_stage_names(cls, stages: list[StageConfig]) -> list[StageConfig]:
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{names!r} is invalid; allowed: each stage name at most once")
+        return stages
 
     def gpt_config(self) -> GPTConfig:
         """The model config: preset plus overrides."""
-        over = dict(self.model)
-        preset = over.pop("preset", None)
         try:
-            return GPTConfig.from_preset(preset, **over) if preset else GPTConfig.from_dict(over)
+            return _gpt_config(self.model)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"model: {exc}") from exc
 
@@ -226,27 +200,16 @@ class PipelineConfig:
                 return s
         raise ConfigError(f"stage {name!r} is not configured; configured: {[s.name for s in self.stages]}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PipelineConfig:
-        return _build(cls, d, "")
+        return build(cls, d)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> PipelineConfig:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
+        data = read_yaml_mapping(path)
         base = data.pop("preset", None)
         return cls.from_preset(base, **data) if base else cls.from_dict(data)
 
@@ -261,49 +224,11 @@ class PipelineConfig:
         return cls.from_dict(d)
 
 
-def _require(ok: bool, path: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{path}={value!r} is invalid; allowed: {allowed}")
-
-
-def _build(cls: type, d: Any, path: str) -> Any:
-    """Build dataclass `cls` from a dict, recursing into nested dataclasses and lists of them."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(f"unknown field(s) {[where + u for u in unknown]}; known: {sorted(fields)}")
-    kwargs = {}
-    for name, value in d.items():
-        kwargs[name] = _convert(hints[name], value, f"{path}.{name}" if path else name)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{path or 'config'}: {exc}") from exc
-
-
-def _convert(tp: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{path} must be a list, got {value!r}")
-        return [_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _convert(args[0], value, path)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{path}={value!r} must be of type {tp.__name__}")
-    return value
+def _gpt_config(model: dict[str, Any]) -> GPTConfig:
+    """GPTConfig of a `model:` section (ValueError or TypeError naming the field)."""
+    over = dict(model)
+    preset = over.pop("preset", None)
+    return GPTConfig.from_preset(preset, **over) if preset else GPTConfig.from_dict(over)
 
 
 def _cpu_small() -> dict[str, Any]:

@@ -8,17 +8,17 @@ unchanged config) and resumes an unfinished stage from its newest valid checkpoi
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from checkpoints import INFERENCE_PARTS, Storage, fetch_checkpoint, list_checkpoints, load_checkpoint
+
 from .config import ALL_STAGES, STAGE_KINDS, ConfigError, PipelineConfig
 from .manifest import PipelineManifest, config_hash
-from .storage import Storage
-from .train_loop import StageJob, build_trainer, list_checkpoints
+from .train_loop import StageJob, build_trainer
 
 
 @dataclass
@@ -34,13 +34,13 @@ def stage_hashes(config: PipelineConfig) -> dict[str, str]:
     """Config hash per stage, chained: a stage reruns when its own config or any upstream stage's config changes."""
     model = config.gpt_config().to_dict()
     hashes: dict[str, str] = {}
-    prev = config_hash({"tokenizer": dataclasses.asdict(config.tokenizer), "vocab_size": model["vocab_size"]})
+    prev = config_hash({"tokenizer": config.tokenizer.to_dict(), "vocab_size": model["vocab_size"]})
     hashes["tokenizer"] = prev
     for stage in config.stages:
-        prev = config_hash({"up": prev, "stage": dataclasses.asdict(stage), "model": model, "seed": config.seed,
-                            "scaling": dataclasses.asdict(config.scaling)})
+        prev = config_hash({"up": prev, "stage": stage.to_dict(), "model": model, "seed": config.seed,
+                            "scaling": config.scaling.to_dict()})
         hashes[stage.name] = prev
-    hashes["eval"] = config_hash({"up": prev, "eval": dataclasses.asdict(config.eval)})
+    hashes["eval"] = config_hash({"up": prev, "eval": config.eval.to_dict()})
     return hashes
 
 
@@ -186,7 +186,6 @@ def _evaluate(config: PipelineConfig, checkpoint_uri: str, stage_metrics: dict[s
     """Ray task body: tasks x recurrences on the final checkpoint; writes the eval table and the report card."""
     import torch
 
-    from recursive_model import load_checkpoint
     from recursive_model.evaluation import evaluate_model, write_outputs
 
     storage = Storage(config.storage)
@@ -194,12 +193,7 @@ def _evaluate(config: PipelineConfig, checkpoint_uri: str, stage_metrics: dict[s
         torch.set_num_threads(int(config.scaling.cpus_per_worker))
     spec = config.eval
     with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "ckpt")
-        if storage.is_s3:
-            storage.download_checkpoint(checkpoint_uri, local)
-        else:
-            local = storage._path(checkpoint_uri)
-        ckpt = load_checkpoint(local)
+        ckpt = load_checkpoint(fetch_checkpoint(checkpoint_uri, INFERENCE_PARTS, storage=storage, cache_dir=tmp))
         report = evaluate_model(ckpt.model, ckpt.tokenizer, tasks=spec.tasks, recurrences=spec.recurrences,
                                 adaptive=spec.adaptive, max_problems=spec.max_problems, max_tokens=spec.max_tokens,
                                 batch_size=spec.batch_size, checkpoint=checkpoint_uri, meta=ckpt.meta)

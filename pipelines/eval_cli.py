@@ -19,7 +19,8 @@ from typing import Any, NoReturn
 
 import torch
 
-from recursive_model.checkpoint import LoadedCheckpoint, load_checkpoint
+from checkpoints import INFERENCE_PARTS, LoadedCheckpoint, StorageConfig, fetch_checkpoint, load_checkpoint
+from checkpoints.fetch import is_remote
 from recursive_model.evaluation import (
     EVAL_TASKS,
     EvalReport,
@@ -27,9 +28,9 @@ from recursive_model.evaluation import (
     check_recurrences,
     check_task_names,
     evaluate_model,
-    parse_adaptive,
     write_outputs,
 )
+from recursive_model.recurrence import ExitRule, exit_help
 
 PROG = "rnc eval"
 DEFAULT_TASKS = "reasoning,reasoning_hard,arithmetic,spelling_bee"  # generated: nothing to download
@@ -72,12 +73,11 @@ def _tasks_arg(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _adaptive_arg(text: str) -> str:
+def _adaptive_arg(text: str) -> ExitRule:
     try:
-        parse_adaptive(text)
+        return ExitRule.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def _source_arg(text: str) -> tuple[str, str]:
@@ -110,7 +110,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--recurrences", required=True, type=_recurrences_arg, help="comma-separated r values, e.g. 1,2,4,8,16"
     )
     parser.add_argument(
-        "--adaptive", type=_adaptive_arg, help="also decode at max r with adaptive exit: kl:<threshold> or latent:<thr>"
+        "--adaptive",
+        type=_adaptive_arg,
+        metavar="CRITERION:THRESHOLD[:MIN_R]",
+        help=f"also decode at max r with this adaptive exit rule, e.g. kl:5e-4 ({exit_help()})",
     )
     parser.add_argument(
         "--tasks",
@@ -171,21 +174,14 @@ def load_checkpoint_uri(uri: str, endpoint_url: str | None = None, device: str =
     unreachable storage, or no tokenizer.
     """
     try:
-        if uri.startswith("s3://"):
-            # Imported here: local evaluation needs no boto3/pyarrow.
-            from pipelines.storage import Storage, StorageConfig
+        storage = None
+        if is_remote(uri):
+            from checkpoints import Storage  # imported here: local evaluation needs no boto3/pyarrow
 
             storage = Storage(StorageConfig(uri=uri, endpoint_url=endpoint_url))
-            with tempfile.TemporaryDirectory(prefix="rnc-eval-") as tmp:
-                storage.download_checkpoint(storage.root, tmp)
-                loaded = load_checkpoint(tmp, device=device)  # weights are in memory once this returns
-        else:
-            path = Path(uri).expanduser()
-            if not path.is_dir():
-                raise EvalCliError(f"checkpoint {uri}: no such directory")
-            loaded = load_checkpoint(path, device=device)
-    except EvalCliError:
-        raise
+        with tempfile.TemporaryDirectory(prefix="rnc-eval-") as tmp:  # a remote copy lives until the weights load
+            ckpt = fetch_checkpoint(storage.root if storage else uri, INFERENCE_PARTS, storage=storage, cache_dir=tmp)
+            loaded = load_checkpoint(ckpt, device=device)
     except Exception as exc:  # any failure to read a checkpoint is the same answer for the user: unreadable
         raise EvalCliError(f"checkpoint {uri} is unreadable: {_one_line(exc)}") from exc
     if loaded.tokenizer is None:
@@ -200,7 +196,7 @@ def _write(
     """write_outputs into a local directory, or into a temp dir uploaded to an s3:// prefix; returns {kind: where}."""
     if not out.startswith("s3://"):
         return {kind: str(path) for kind, path in write_outputs(report, out, baseline=baseline, title=title).items()}
-    from pipelines.storage import Storage, StorageConfig
+    from checkpoints import Storage
 
     storage = Storage(StorageConfig(uri=out, endpoint_url=endpoint_url))
     with tempfile.TemporaryDirectory(prefix="rnc-eval-out-") as tmp:
@@ -249,7 +245,7 @@ def _run(args: argparse.Namespace) -> None:
         if baseline_ckpt is not None:
             cfg = baseline_ckpt.config
             # One score per task: a plain GPT ignores r; a recursive baseline is scored at its own default r.
-            r = cfg.eval_recur if cfg.is_recursive else 1
+            r = cfg.decode.num_recur if cfg.is_recursive else 1
             print(
                 f"[eval] baseline {args.baseline} at r={r}" if cfg.is_recursive else f"[eval] baseline {args.baseline}"
             )

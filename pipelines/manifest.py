@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from .storage import Storage
+from checkpoints import Storage
 
 MANIFEST_FILE = "pipeline.json"
 FORMAT = 1

@@ -13,8 +13,8 @@ A sweep file (YAML)::
       storage: {uri: s3://bucket/sweeps}
     stage: pretrain               # or [pretrain, sft]: each trial trains the chain, the objective follows along
     space:                        # field path -> one Tune primitive
-      model.recur_sigma: {grid: [0.25, 0.5, 1.0]}
-      bptt_k: {choice: [1, 2]}    # a stage field: applies to every stage the sweep trains
+      model.recurrence.sigma: {grid: [0.25, 0.5, 1.0]}
+      recurrence.bptt_k: {choice: [1, 2]}   # a stage field: applies to every stage the sweep trains
       lr: {loguniform: [1.0e-3, 3.0e-2]}
     num_samples: 1                # samples per grid point
     max_concurrent_trials: 2
@@ -22,9 +22,12 @@ A sweep file (YAML)::
     scheduler: {type: asha, grace_period: 50, reduction_factor: 2}
     trial_runner: function        # function (run_stage in the trial) | train (a TorchTrainer per trial)
 
-Field paths: `model.<GPTConfig field>`; `<StageConfig field>` or `stage.<field>` (every trained stage);
-`pretrain.<field>` / `mid.<field>` / `sft.<field>` (that stage only); `seed`. A bare name that is not a stage
-field but a model field (`train_recur_max`) means the model field.
+Field paths reach nested fields with dots: `model.<GPTConfig field>` (`model.recurrence.sigma`,
+`model.decode.num_recur`); `<StageConfig field>` or `stage.<field>` (every trained stage, e.g. `recurrence.bptt_k`);
+`stages.<name>.<field>` or its shorthand `<name>.<field>` (that stage only: `stages.pretrain.recurrence.bptt_k`,
+`sft.lr`); `seed`. A bare path whose first name is not a stage field but a model field (`n_embd`) means the model
+field. A stage's `recurrence` left unset is the model's, so sweeping `recurrence.<x>` on a stage starts from the
+model's values, and `model.recurrence.<x>` reaches every stage that does not set its own.
 """
 
 from __future__ import annotations
@@ -36,21 +39,21 @@ import itertools
 import json
 import math
 import os
+import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, Field, SkipValidation, ValidationInfo, field_validator, model_validator
 
 from recursive_model.config import GPTConfig
+from recursive_model.yaml_config import StrictModel, build, read_yaml_mapping
 
-from .config import STAGE_KINDS, ConfigError, PipelineConfig, StageConfig
+from .config import STAGE_KINDS, ConfigError, PipelineConfig, PositiveInt, StageConfig
 
 PRIMITIVES = ("grid", "choice", "uniform", "loguniform", "randint")
-COMBINES = ("mean", "max", "last", "weighted")
-TRIAL_RUNNERS = ("function", "train")
-SCHEDULERS = ("asha", "fifo")
 OBJECTIVE = "objective"  # the metric Tune optimises (mode "min")
 TIME_ATTR = "trial_step"  # optimizer steps since the trial started, summed over its chain of stages
 DIVERGED_BPB = 1e3  # a non-finite val_bpb (diverged run) scores as this: worst, yet finite for ASHA's percentiles
@@ -58,9 +61,6 @@ DIVERGED_BPB = 1e3  # a non-finite val_bpb (diverged run) scores as this: worst,
 SEARCH_ALG_PACKAGES = {"random": None, "variant_generator": None, "optuna": "optuna", "hyperopt": "hyperopt",
                        "bayesopt": "bayes_opt", "bohb": "hpbandster", "nevergrad": "nevergrad", "zoopt": "zoopt",
                        "hebo": "hebo", "ax": "ax"}
-# Model fields that a stage overrides with its own field: sweeping the model field under such an override is a no-op.
-STAGE_SHADOWS = {"train_recur_mean": "recur_mean", "train_recur_max": "recur_max", "recur_sigma": "recur_sigma",
-                 "bptt_k": "bptt_k"}
 # Fields a sweep must not change: the tokenizer is trained once per sweep; names and storage belong to the sweep.
 UNSWEEPABLE_MODEL = {"vocab_size", "extra"}
 UNSWEEPABLE_STAGE = {"name": "it names the stage",
@@ -68,10 +68,43 @@ UNSWEEPABLE_STAGE = {"name": "it names the stage",
 TOP_LEVEL = {"seed"}
 _MAX_COMBINATIONS = 5_000  # validation builds one PipelineConfig per reachable combination (~1 ms each)
 
-_GPT_FIELDS = {f.name: f for f in dataclasses.fields(GPTConfig)}
-_STAGE_FIELDS = {f.name: f for f in dataclasses.fields(StageConfig)}
-_GPT_HINTS = typing.get_type_hints(GPTConfig)
-_STAGE_HINTS = typing.get_type_hints(StageConfig)
+
+
+def _field_types(tp: Any) -> dict[str, Any] | None:
+    """Field name -> type of a config class (a pydantic model or a dataclass, possibly Optional or Annotated);
+    None for a single value."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
+    if typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return {name: f.annotation for name, f in tp.model_fields.items()}
+    if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+        return None
+    hints = typing.get_type_hints(tp)
+    return {f.name: hints[f.name] for f in dataclasses.fields(tp)}
+
+
+_GPT_FIELDS = _field_types(GPTConfig)
+_STAGE_FIELDS = _field_types(StageConfig)
+
+
+def _leaf_type(root: dict[str, Any], label: str, dotted: str, where: str) -> Any:
+    """The type of the single-valued field `dotted` below `root`'s fields; ConfigError naming the path otherwise."""
+    fields, parts = root, dotted.split(".")
+    for i, part in enumerate(parts):
+        here = ".".join([label, *parts[:i]])
+        if fields is None:
+            raise ConfigError(f"{where}: {here} is a single value; it has no field {part!r}")
+        if part not in fields:
+            raise ConfigError(f"{where}: unknown field {part!r} in {here}{_suggest(part, fields)}; "
+                              f"fields of {here}: {sorted(fields)}")
+        tp, fields = fields[part], _field_types(fields[part])
+    if fields is not None:
+        raise ConfigError(f"{where}: {label}.{dotted} is a group of fields; sweep one of them: "
+                          f"{[f'{label}.{dotted}.{f}' for f in fields]}")
+    return tp
 
 
 # ------------------------------------------------------------------------------------------------------ the space
@@ -80,19 +113,20 @@ class Target:
     """Where a field path lands in a pipeline config."""
 
     kind: str  # model | stage | top
-    field: str
+    field: str  # dotted path below the model / the stage, e.g. "recurrence.bptt_k"
     stages: tuple[str, ...] = ()  # kind == stage: the stages it applies to
+    type: Any = dataclasses.field(default=int, compare=False, repr=False)  # the field's type
 
     def is_int(self) -> bool:
-        hint = {"model": _GPT_HINTS, "stage": _STAGE_HINTS, "top": {"seed": int}}[self.kind][self.field]
-        return hint is int or int in typing.get_args(hint) and float not in typing.get_args(hint)
+        args = typing.get_args(self.type)
+        return self.type is int or int in args and float not in args
 
 
 @dataclass
 class Dimension:
     """One swept field: a Tune primitive over the values of a field path."""
 
-    path: str  # as written in the sweep file, e.g. "model.recur_sigma"
+    path: str  # as written in the sweep file, e.g. "model.recurrence.sigma"
     kind: str  # grid | choice | uniform | loguniform | randint
     values: list[Any]  # grid/choice: the values; uniform/loguniform: [low, high]; randint: [low, high) as Tune's
     target: Target
@@ -131,35 +165,37 @@ def resolve_path(path: str, chain: list[str]) -> Target:
     """Map a field path of the sweep file onto the pipeline config; ConfigError naming the path otherwise."""
     where = f"space[{path!r}]"
     head, _, rest = path.partition(".")
+    if head == "stages" and rest:  # stages.<name>.<field> is spelled <name>.<field> below
+        path = rest
+        head, _, rest = rest.partition(".")
+        if head not in STAGE_KINDS or not rest:
+            raise ConfigError(f"{where}: expected stages.<name>.<field> with name in {list(STAGE_KINDS)}")
     if rest and head == "model":
-        if rest in UNSWEEPABLE_MODEL:
+        if rest.split(".")[0] in UNSWEEPABLE_MODEL:
             raise ConfigError(f"{where}: model.{rest} cannot be swept (the tokenizer is trained once per sweep)")
-        if rest not in _GPT_FIELDS:
-            raise ConfigError(f"{where}: unknown model field {rest!r}{_suggest(rest, _GPT_FIELDS)}; "
-                              f"model fields: {sorted(set(_GPT_FIELDS) - UNSWEEPABLE_MODEL)}")
-        return Target("model", rest)
+        return Target("model", rest, type=_leaf_type(_GPT_FIELDS, "model", rest, where))
     if rest and (head == "stage" or head in STAGE_KINDS):
         stages = tuple(chain) if head == "stage" else (head,)
         if head != "stage" and head not in chain:
             raise ConfigError(f"{where}: stage {head!r} is not trained by this sweep (stage: {chain})")
-        if rest in UNSWEEPABLE_STAGE:
-            raise ConfigError(f"{where}: {rest} cannot be swept ({UNSWEEPABLE_STAGE[rest]})")
-        if rest not in _STAGE_FIELDS:
-            raise ConfigError(f"{where}: unknown stage field {rest!r}{_suggest(rest, _STAGE_FIELDS)}; "
-                              f"stage fields: {sorted(set(_STAGE_FIELDS) - set(UNSWEEPABLE_STAGE))}")
-        return Target("stage", rest, stages)
-    if not rest:
-        if path in UNSWEEPABLE_STAGE:
-            raise ConfigError(f"{where}: {path} cannot be swept ({UNSWEEPABLE_STAGE[path]})")
-        if path in _STAGE_FIELDS:
-            return Target("stage", path, tuple(chain))
-        if path in _GPT_FIELDS and path not in UNSWEEPABLE_MODEL:
-            return Target("model", path)
-        if path in TOP_LEVEL:
-            return Target("top", path)
+        return _stage_target(rest, stages, where)
+    if path in TOP_LEVEL:
+        return Target("top", path)
+    if head in _STAGE_FIELDS or head in UNSWEEPABLE_STAGE:
+        return _stage_target(path, tuple(chain), where)
+    if head in _GPT_FIELDS and head not in UNSWEEPABLE_MODEL:
+        return Target("model", path, type=_leaf_type(_GPT_FIELDS, "model", path, where))
     known = [*_STAGE_FIELDS, *(f"model.{f}" for f in _GPT_FIELDS), *TOP_LEVEL]
     raise ConfigError(f"{where}: unknown field path{_suggest(path, known)}; use model.<field> (GPTConfig), "
-                      f"<stage field> / stage.<field> / {'|'.join(STAGE_KINDS)}.<field> (StageConfig), or seed")
+                      f"<stage field> / stage.<field> / stages.<name>.<field> / {'|'.join(STAGE_KINDS)}.<field> "
+                      f"(StageConfig), or seed")
+
+
+def _stage_target(dotted: str, stages: tuple[str, ...], where: str) -> Target:
+    name = dotted.split(".")[0]
+    if name in UNSWEEPABLE_STAGE:
+        raise ConfigError(f"{where}: {name} cannot be swept ({UNSWEEPABLE_STAGE[name]})")
+    return Target("stage", dotted, stages, type=_leaf_type(_STAGE_FIELDS, "stage", dotted, where))
 
 
 def _suggest(name: str, known: Any) -> str:
@@ -208,30 +244,34 @@ def parse_dimension(path: str, spec: Any, chain: list[str]) -> Dimension:
 
 
 # --------------------------------------------------------------------------------------------- objective, ASHA
-@dataclass
-class ObjectiveSpec:
+class ObjectiveSpec(StrictModel):
     """What a trial is scored on: validation bits-per-byte at several test-time r, combined; lower is better."""
 
-    recurrences: list[int] = field(default_factory=lambda: [2, 4, 8])  # test-time r values (val_bpb_r{r})
-    combine: str = "mean"  # mean | max (worst r) | last (largest r: rewards gains from more r) | weighted
-    weights: list[float] | None = None  # combine: weighted, one per recurrence
+    recurrences: list[PositiveInt] = Field(
+        default_factory=lambda: [2, 4, 8], min_length=1, description="test-time r values (val_bpb_r{r})"
+    )
+    combine: Literal["mean", "max", "last", "weighted"] = Field(
+        "mean", description="mean | max (worst r) | last (largest r: rewards gains from more r) | weighted"
+    )
+    weights: list[float] | None = Field(None, description="combine: weighted, one per recurrence")
 
-    def validate(self, path: str = "objective") -> None:
-        rs = self.recurrences
-        if not isinstance(rs, list) or not rs or not all(isinstance(r, int) and r >= 1 for r in rs):
-            raise ConfigError(f"{path}.recurrences={rs!r} is invalid; allowed: a non-empty list of integers >= 1")
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _yaml_numbers(cls, w: Any) -> Any:
+        return [_number(x) for x in w] if isinstance(w, list) else w
+
+    @model_validator(mode="after")
+    def _check(self) -> ObjectiveSpec:
+        rs, w = self.recurrences, self.weights
         if len(set(rs)) != len(rs):
-            raise ConfigError(f"{path}.recurrences={rs!r} has duplicates")
-        if self.combine not in COMBINES:
-            raise ConfigError(f"{path}.combine={self.combine!r} is invalid; allowed: {list(COMBINES)}")
+            raise ValueError(f"objective.recurrences={rs!r} has duplicates")
         if self.combine == "weighted":
-            w = self.weights
-            if not isinstance(w, list) or len(w) != len(rs) or not all(isinstance(x, int | float) for x in w) \
-                    or any(x < 0 for x in w) or sum(w) <= 0:
-                raise ConfigError(f"{path}.weights={w!r} is invalid; allowed: {len(rs)} weights >= 0 "
-                                  f"(one per recurrence) with a positive sum")
-        elif self.weights is not None:
-            raise ConfigError(f"{path}.weights is only used with combine: weighted")
+            if w is None or len(w) != len(rs) or any(x < 0 for x in w) or sum(w) <= 0:
+                raise ValueError(f"objective.weights={w!r} is invalid; allowed: {len(rs)} weights >= 0 "
+                                 f"(one per recurrence) with a positive sum")
+        elif w is not None:
+            raise ValueError("objective.weights is only used with combine: weighted")
+        return self
 
     def score(self, metrics: dict[str, Any]) -> dict[str, float] | None:
         """`objective`, `bpb_gain` (bpb at the smallest r minus at the largest: > 0 means more recurrences help)
@@ -253,23 +293,24 @@ class ObjectiveSpec:
         return {OBJECTIVE: obj, "bpb_gain": bpb[lo] - bpb[hi]}
 
 
-@dataclass
-class SchedulerSpec:
+class SchedulerSpec(StrictModel):
     """Early stopping on the objective, in trial steps (optimizer steps summed over the trial's stages)."""
 
-    type: str = "asha"  # asha | fifo (no early stopping)
-    grace_period: int | None = None  # steps before a trial can be stopped; None -> the first eval step
-    reduction_factor: float = 2  # ASHA keeps the best 1/reduction_factor at each rung
-    max_t: int | None = None  # None -> the trial's total steps
+    type: Literal["asha", "fifo"] = Field("asha", description="asha | fifo (no early stopping)")
+    grace_period: PositiveInt | None = Field(None, description="steps before a trial can be stopped; None: first eval")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA keeps the best 1/reduction_factor at each rung")
+    max_t: PositiveInt | None = Field(None, description="None: the trial's total steps")
 
-    def validate(self, total_steps: int, first_eval: int, path: str = "scheduler") -> None:
-        if self.type not in SCHEDULERS:
-            raise ConfigError(f"{path}.type={self.type!r} is invalid; allowed: {list(SCHEDULERS)}")
+    @field_validator("reduction_factor", mode="before")
+    @classmethod
+    def _yaml_number(cls, v: Any) -> Any:
+        return _number(v)
+
+    def validate_steps(self, total_steps: int, first_eval: int, path: str = "scheduler") -> None:
+        """The step bounds against the trial's steps (known only with the base config)."""
         if self.type == "fifo":
             return
         grace, max_t = self.resolved(total_steps, first_eval)
-        if not isinstance(self.reduction_factor, int | float) or self.reduction_factor <= 1:
-            raise ConfigError(f"{path}.reduction_factor={self.reduction_factor!r} is invalid; allowed: > 1")
         if not 1 <= max_t <= total_steps:
             raise ConfigError(f"{path}.max_t={max_t!r} is invalid; allowed: 1..{total_steps} (the trial's steps)")
         if not 1 <= grace <= max_t:
@@ -282,33 +323,69 @@ class SchedulerSpec:
 
 
 # ---------------------------------------------------------------------------------------------------- the sweep
-@dataclass
-class SweepSpec:
-    """A whole sweep; `validate()` runs in `__post_init__`, so a SweepSpec that exists is runnable."""
+class SweepSpec(StrictModel):
+    """A whole sweep, validated when built, so a SweepSpec that exists is runnable.
+
+    Build it with `from_yaml` / `from_dict`: the file's `stage:` (a name or a list) becomes `stages`, `base:` (a
+    mapping, a preset name or a YAML path) a PipelineConfig, and each `space:` entry a Dimension.
+    """
 
     name: str
-    base: PipelineConfig  # the effective pipeline config every trial starts from
-    space: dict[str, Dimension]
-    stages: list[str] = field(default_factory=lambda: ["pretrain"])  # trained by each trial, in order
-    num_samples: int = 1  # samples per grid point (random primitives are drawn anew for each)
-    max_concurrent_trials: int | None = None  # None -> as many as the cluster's resources allow
-    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
-    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
-    search_alg: dict[str, Any] | None = None  # None -> Tune's default (grid + random); {type: optuna, ...}
-    trial_runner: str = "function"  # function: run_stage inside the trial | train: a TorchTrainer per trial
-    trial_resources: dict[str, float] | None = None  # function runner: {CPU: n, GPU: m} per trial
-    seed: int = 0  # random state of the default search algorithm (which random values are drawn)
+    base: PipelineConfig = Field(description="the effective pipeline config every trial starts from")
+    space: Annotated[dict[str, Dimension], SkipValidation] = Field(description="field path -> Tune primitive")
+    stages: list[str] = Field(default_factory=lambda: ["pretrain"], description="trained by each trial, in order")
+    num_samples: PositiveInt = Field(1, description="samples per grid point (random primitives drawn anew for each)")
+    max_concurrent_trials: PositiveInt | None = Field(None, description="None: as many as the resources allow")
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    search_alg: dict[str, Any] | None = Field(None, description="None: Tune's default (grid + random); {type: optuna}")
+    trial_runner: Literal["function", "train"] = Field(
+        "function", description="function: run_stage inside the trial | train: a TorchTrainer per trial"
+    )
+    trial_resources: dict[str, float] | None = Field(None, description="function runner: {CPU: n, GPU: m} per trial")
+    seed: int = Field(0, description="random state of the default search algorithm (which random values are drawn)")
 
-    def __post_init__(self) -> None:
-        self.validate()
+    @model_validator(mode="before")
+    @classmethod
+    def _from_file_form(cls, data: Any, info: ValidationInfo) -> Any:
+        """The sweep file's spelling -> the fields: stage -> stages, base -> PipelineConfig, space -> Dimensions.
+        `info.context` may carry `base_dir` (for a relative `base:` path) and `storage` (a new storage location)."""
+        if not isinstance(data, dict) or isinstance(data.get("base"), PipelineConfig):
+            return data
+        ctx = info.context or {}
+        d = dict(data)
+        if "stage" in d:
+            stage = d.pop("stage")
+            d["stages"] = [stage] if isinstance(stage, str) else stage
+        if "base" not in d:
+            raise ConfigError("base is missing: give a pipeline config (e.g. base: {preset: tiny}), a preset name "
+                              "or the path of a pipeline YAML")
+        d["base"] = _load_base(d["base"], ctx.get("base_dir"), ctx.get("storage"))
+        d.setdefault("name", d["base"].run_name)
+        chain = d.get("stages", ["pretrain"])
+        if not isinstance(chain, list) or not chain or not all(isinstance(s, str) for s in chain):
+            raise ConfigError(f"stage={chain!r} is invalid; allowed: a stage name or a list like [pretrain, sft]")
+        space = d.get("space") or {}
+        if not isinstance(space, dict):
+            raise ConfigError(f"space must be a mapping of field path -> primitive, got {space!r}")
+        d["space"] = {str(p): parse_dimension(str(p), spec, chain) for p, spec in space.items()}
+        if isinstance(d.get("search_alg"), str):
+            d["search_alg"] = {"type": d["search_alg"]}
+        if isinstance(d.get("trial_resources"), dict):
+            d["trial_resources"] = {str(k).upper(): _number(v) for k, v in d["trial_resources"].items()}
+        return d
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepSpec:
+        self.validate_sweep()
+        return self
 
     # ------------------------------------------------------------------------------------------ validation
-    def validate(self) -> None:
-        if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name != self.name.strip():
+    def validate_sweep(self) -> None:
+        """The checks that need the whole sweep: stages against the base, steps, resources, every combination."""
+        if not self.name or "/" in self.name or self.name != self.name.strip():
             raise ConfigError(f"name={self.name!r} is invalid; allowed: a non-empty name without '/'")
         configured = [s.name for s in self.base.stages]
-        if not self.stages or not all(isinstance(s, str) for s in self.stages):
-            raise ConfigError(f"stage={self.stages!r} is invalid; allowed: a stage name or a list like [pretrain, sft]")
         for s in self.stages:
             if s not in configured:
                 raise ConfigError(f"stage: {s!r} is not configured in base (configured: {configured})")
@@ -319,18 +396,10 @@ class SweepSpec:
             raise ConfigError(f"stage={self.stages!r}: stages must be distinct and in pipeline order {STAGE_KINDS}")
         if not self.space:
             raise ConfigError("space is empty: give at least one field to sweep, e.g. "
-                              "space: {model.recur_sigma: {grid: [0.25, 0.5]}}")
-        if not isinstance(self.num_samples, int) or self.num_samples < 1:
-            raise ConfigError(f"num_samples={self.num_samples!r} is invalid; allowed: an integer >= 1")
-        mct = self.max_concurrent_trials
-        if mct is not None and (not isinstance(mct, int) or mct < 1):
-            raise ConfigError(f"max_concurrent_trials={mct!r} is invalid; allowed: an integer >= 1 or null")
-        if self.trial_runner not in TRIAL_RUNNERS:
-            raise ConfigError(f"trial_runner={self.trial_runner!r} is invalid; allowed: {list(TRIAL_RUNNERS)}")
+                              "space: {model.recurrence.sigma: {grid: [0.25, 0.5]}}")
         self._validate_resources()
-        self.objective.validate()
         first_eval = self.base.stage(self.stages[0]).eval_every
-        self.scheduler.validate(self.total_steps, min(first_eval, self.base.stage(self.stages[0]).steps))
+        self.scheduler.validate_steps(self.total_steps, min(first_eval, self.base.stage(self.stages[0]).steps))
         self._validate_search_alg()
         self._validate_shadowing()
         self._validate_combinations()
@@ -342,10 +411,10 @@ class SweepSpec:
         if self.trial_runner != "function":
             raise ConfigError("trial_resources: only for trial_runner: function; the train runner takes its "
                               "workers from base.scaling")
-        if not isinstance(res, dict) or not res or set(res) - {"CPU", "GPU"}:
+        if not res or set(res) - {"CPU", "GPU"}:
             raise ConfigError(f"trial_resources={res!r} is invalid; allowed: {{CPU: n, GPU: m}}")
         for k, v in res.items():
-            if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
+            if v < 0:
                 raise ConfigError(f"trial_resources.{k}={v!r} is invalid; allowed: a number >= 0")
         if res.get("CPU", 0) <= 0:
             raise ConfigError(f"trial_resources.CPU={res.get('CPU')!r} must be > 0 (Ray refuses 0; use e.g. 0.5)")
@@ -371,19 +440,17 @@ class SweepSpec:
             raise ConfigError(f"search_alg.type={name!r} cannot sample grid dimensions {grids}; use choice")
 
     def _validate_shadowing(self) -> None:
-        """model.X swept while a trained stage sets its own X: the stage value wins and the sweep would do nothing."""
+        """model.recurrence.* swept while a trained stage sets its own recurrence: the stage's replaces the model's,
+        so the sweep would change nothing."""
         for path, dim in self.space.items():
-            if dim.target.kind != "model" or dim.target.field not in STAGE_SHADOWS:
-                continue
-            stage_field = STAGE_SHADOWS[dim.target.field]
-            if any(d.target.kind == "stage" and d.target.field == stage_field for d in self.space.values()):
+            if dim.target.kind != "model" or dim.target.field.split(".")[0] != "recurrence":
                 continue
             for name in self.stages:
-                value = getattr(self.base.stage(name), stage_field)
-                if value is not None:
-                    raise ConfigError(f"space[{path!r}] has no effect: base stage {name!r} sets {stage_field}="
-                                      f"{value!r}, which overrides model.{dim.target.field}; sweep {stage_field!r} "
-                                      f"(the stage field) instead")
+                own = self.base.stage(name).recurrence
+                if own is not None:
+                    stage_path = f"stages.{name}.{dim.target.field}"
+                    raise ConfigError(f"space[{path!r}] has no effect: base stage {name!r} sets its own recurrence "
+                                      f"({own}), which replaces model.recurrence; sweep {stage_path!r} instead")
 
     def _validate_combinations(self) -> None:
         """Build the pipeline config of every reachable combination; check the recurrence constraints per stage."""
@@ -398,12 +465,13 @@ class SweepSpec:
                 cfg = self.candidate_config(params)
             except ConfigError as exc:
                 raise ConfigError(f"space: combination {params} gives an invalid pipeline config: {exc}") from None
+            model = cfg.gpt_config()
             for name in self.stages:
-                mc = cfg.stage(name).model_config(cfg.gpt_config())
-                if mc.is_recursive and mc.bptt_k > mc.train_recur_max:
-                    raise ConfigError(f"space: combination {params} gives bptt_k={mc.bptt_k} > train_recur_max="
-                                      f"{mc.train_recur_max} in stage {name!r}; gradients can flow through at most "
-                                      f"train_recur_max recurrences, so narrow bptt_k or raise train_recur_max")
+                rec = cfg.stage(name).recurrence_for(model)
+                if model.is_recursive and rec.bptt_k > rec.r_max:
+                    raise ConfigError(f"space: combination {params} gives recurrence.bptt_k={rec.bptt_k} > r_max="
+                                      f"{rec.r_max} in stage {name!r}; gradients can flow through at most r_max "
+                                      f"recurrences, so narrow bptt_k or raise r_max")
 
     # ------------------------------------------------------------------------------------------ configs
     @property
@@ -420,12 +488,12 @@ class SweepSpec:
         for path, value in params.items():
             target = self.space[path].target if path in self.space else resolve_path(path, self.stages)
             if target.kind == "model":
-                d["model"][target.field] = value
+                _assign(d["model"], target.field, value)
             elif target.kind == "top":
                 d[target.field] = value
             else:
                 for name in target.stages:
-                    stages[name][target.field] = value
+                    _assign(stages[name], target.field, value)
         for name in self.stages:
             stages[name]["eval_recur"] = sorted(set(stages[name]["eval_recur"]) | set(self.objective.recurrences))
         return PipelineConfig.from_dict(d)
@@ -436,12 +504,13 @@ class SweepSpec:
 
     # ------------------------------------------------------------------------------------------ (de)serialise
     def to_dict(self) -> dict[str, Any]:
-        """A self-contained dict (base as the full effective config): what `--resume` reads back."""
+        """A self-contained dict in the sweep file's form (base as the full effective config): what `--resume`
+        reads back."""
         return {
             "name": self.name, "base": self.base.to_dict(), "stage": list(self.stages),
             "space": {p: d.to_dict() for p, d in self.space.items()}, "num_samples": self.num_samples,
-            "max_concurrent_trials": self.max_concurrent_trials, "objective": dataclasses.asdict(self.objective),
-            "scheduler": dataclasses.asdict(self.scheduler), "search_alg": self.search_alg,
+            "max_concurrent_trials": self.max_concurrent_trials, "objective": self.objective.to_dict(),
+            "scheduler": self.scheduler.to_dict(), "search_alg": self.search_alg,
             "trial_runner": self.trial_runner, "trial_resources": self.trial_resources, "seed": self.seed,
         }
 
@@ -452,62 +521,28 @@ class SweepSpec:
         `base_dir` resolves a `base:` given as a relative YAML path."""
         if not isinstance(d, dict):
             raise ConfigError(f"a sweep file must be a mapping, got {type(d).__name__}")
-        known = {"name", "base", "stage", "space", "num_samples", "max_concurrent_trials", "objective", "scheduler",
-                 "search_alg", "trial_runner", "trial_resources", "seed"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown sweep field(s) {unknown}{_suggest(unknown[0], known)}; known: {sorted(known)}")
-        if "base" not in d:
-            raise ConfigError("base is missing: give a pipeline config (e.g. base: {preset: tiny}), a preset name "
-                              "or the path of a pipeline YAML")
-        base = _load_base(d["base"], base_dir, storage)
-        stage = d.get("stage", "pretrain")
-        stages = [stage] if isinstance(stage, str) else stage
-        if not isinstance(stages, list):
-            raise ConfigError(f"stage={stage!r} is invalid; allowed: a stage name or a list like [pretrain, sft]")
-        space_in = d.get("space") or {}
-        if not isinstance(space_in, dict):
-            raise ConfigError(f"space must be a mapping of field path -> primitive, got {space_in!r}")
-        space = {str(p): parse_dimension(str(p), spec, stages) for p, spec in space_in.items()}
-        objective = ObjectiveSpec(**_mapping(d.get("objective"), "objective", ObjectiveSpec))
-        scheduler = SchedulerSpec(**_mapping(d.get("scheduler"), "scheduler", SchedulerSpec))
-        search_alg = d.get("search_alg")
-        if isinstance(search_alg, str):
-            search_alg = {"type": search_alg}
-        resources = d.get("trial_resources")
-        if isinstance(resources, dict):
-            resources = {str(k).upper(): _number(v) for k, v in resources.items()}
-        return cls(name=name or d.get("name") or base.run_name, base=base, space=space, stages=stages,
-                   num_samples=d.get("num_samples", 1), max_concurrent_trials=d.get("max_concurrent_trials"),
-                   objective=objective, scheduler=scheduler, search_alg=search_alg,
-                   trial_runner=d.get("trial_runner", "function"), trial_resources=resources, seed=d.get("seed", 0))
+        if name is not None:
+            d = {**d, "name": name}
+        return build(cls, d, context={"base_dir": base_dir, "storage": storage})
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, *, name: str | None = None,
                   storage: dict[str, Any] | None = None) -> SweepSpec:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"sweep file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
-        if isinstance(data, dict) and "name" not in data and name is None:
-            name = p.stem
-        return cls.from_dict(data, name=name, base_dir=p.parent, storage=storage)
+        data = read_yaml_mapping(path, "sweep file")
+        if "name" not in data and name is None:
+            name = Path(path).stem
+        return cls.from_dict(data, name=name, base_dir=Path(path).parent, storage=storage)
 
 
-def _mapping(value: Any, path: str, cls: type) -> dict[str, Any]:
-    """A sub-section of the sweep file as keyword arguments of `cls`; unknown keys are an error naming them."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path} must be a mapping, got {value!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ConfigError(f"unknown field(s) {[f'{path}.{u}' for u in unknown]}; known: {sorted(known)}")
-    return {k: (v if k in ("type", "combine") else _number(v)) for k, v in value.items()}
+def _assign(d: dict[str, Any], dotted: str, value: Any) -> None:
+    """d[a][b][c] = value for "a.b.c"; an unset sub-config (None: the model's, or off) becomes a partial mapping,
+    which PipelineConfig / GPTConfig complete with the values it would otherwise have had."""
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        if not isinstance(d.get(name), dict):
+            d[name] = {}
+        d = d[name]
+    d[leaf] = value
 
 
 def _load_base(base: Any, base_dir: str | os.PathLike | None, storage: dict[str, Any] | None) -> PipelineConfig:
@@ -600,7 +635,7 @@ def results_markdown(spec: SweepSpec, rows: list[TrialRow]) -> str:
 
 def results_json(spec: SweepSpec, rows: list[TrialRow]) -> str:
     best = best_row(rows)
-    return json.dumps({"sweep": spec.name, "stages": spec.stages, "objective": dataclasses.asdict(spec.objective),
+    return json.dumps({"sweep": spec.name, "stages": spec.stages, "objective": spec.objective.to_dict(),
                        "best_trial": best.trial_id if best else None,
                        "trials": [r.to_dict() for r in rank_rows(rows)]}, indent=2) + "\n"
 

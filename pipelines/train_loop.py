@@ -2,15 +2,15 @@
 
 `run_stage(job, session)` is plain PyTorch plus a `Session` that hides where it runs: `RaySession` inside a Ray Train
 worker (DDP, ray.train.report, Ray custom metrics) or `LocalSession` in one process (tests, the overhead benchmark).
-Checkpoints are the self-describing directories of `recursive_model.checkpoint`, written under
+Checkpoints are the self-describing directories of the `checkpoints` package, written under
 `<run>/<stage>/step_XXXXXX` in the run's storage; a restarted stage resumes from the newest one that verifies.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -21,16 +21,24 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from recursive_model import GPT, GPTConfig, Tokenizer, load_checkpoint, recur_generator, sample_num_recur
-from recursive_model.checkpoint import save_checkpoint
+from checkpoints import (
+    INFERENCE_PARTS,
+    Storage,
+    checkpoint_name,
+    fetch_checkpoint,
+    fetch_latest_valid,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from recursive_model import GPT, GPTConfig, Tokenizer, recur_generator
 from recursive_model.data import ConversationLoader, evaluate_bpb, text_loader
+from recursive_model.optim import PEAK_FLOPS, build_optimizers, device_peak_flops, lr_multiplier, set_lr_multiplier
 from recursive_model.tasks import build_mixture
 
-from .config import PEAK_FLOPS, PipelineConfig, StageConfig
-from .storage import CheckpointCorrupt, Storage
+from .config import PipelineConfig, StageConfig
 
 logger = logging.getLogger(__name__)
-STEP_DIR_RE = re.compile(r"^step_(\d{6})(?:-r(\d+))?$")
 
 
 @dataclass
@@ -177,84 +185,14 @@ def build_trainer(job: StageJob, callbacks: list | None = None):
     )
 
 
-# --------------------------------------------------------------------------------------------------- checkpoints
-def list_checkpoints(storage: Storage, stage_path: str) -> list[tuple[int, str]]:
-    """Complete checkpoints (manifest present) of a stage, newest first, as (step, path)."""
-    if not storage.exists(stage_path):
-        return []
-    found = []
-    for name in storage.list_dirs(stage_path):
-        m = STEP_DIR_RE.match(name.rstrip("/").rsplit("/", 1)[-1])
-        path = f"{stage_path}/{name.rstrip('/').rsplit('/', 1)[-1]}"
-        if m and storage.is_complete_checkpoint(path):
-            found.append((int(m.group(1)), int(m.group(2) or 0), path))
-    return [(step, path) for step, _, path in sorted(found, reverse=True)]
-
-
-def fetch_latest_valid(storage: Storage, stage_path: str, local_dir: str) -> tuple[int, str] | None:
-    """Download the newest checkpoint whose files match its manifest; corrupt ones are skipped with a warning."""
-    for step, path in list_checkpoints(storage, stage_path):
-        target = os.path.join(local_dir, f"step_{step}")
-        try:
-            storage.download_checkpoint(path, target)
-            return step, target
-        except CheckpointCorrupt as exc:
-            logger.warning("skipping corrupt checkpoint %s: %s", storage.uri_for(path), exc)
-            say(f"WARNING: skipping corrupt checkpoint {storage.uri_for(path)}: {exc}")
-            shutil.rmtree(target, ignore_errors=True)
-    return None
-
-
-def checkpoint_name(storage: Storage, stage_path: str, step: int) -> str:
-    """`step_000100`, or `step_000100-r1` if a (corrupt or partial) directory of that name exists already."""
-    base, n = f"step_{step:06d}", 0
-    name = base
-    while storage.exists(f"{stage_path}/{name}"):
-        n += 1
-        name = f"{base}-r{n}"
-    return name
-
-
 # ---------------------------------------------------------------------------------------------------- optimizers
-def build_optimizers(model: GPT, stage: StageConfig) -> list[torch.optim.Optimizer]:
-    """AdamW for everything, or Muon for the block/adapter matrices plus AdamW for embedding and head (nanochat)."""
-    matrices = [p for n, p in model.named_parameters() if not n.startswith(("wte.", "lm_head."))]
-    adam_groups = [
-        dict(params=[model.wte.weight], lr=stage.embedding_lr, weight_decay=0.0),
-        dict(params=[model.lm_head.weight], lr=stage.head_lr, weight_decay=0.0),
-    ]
-    if stage.optimizer == "muon":
-        opts = [
-            torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10),
-            torch.optim.Muon(matrices, lr=stage.lr, weight_decay=stage.weight_decay, adjust_lr_fn="match_rms_adamw"),
-        ]
-    else:
-        adam_groups.append(dict(params=matrices, lr=stage.lr, weight_decay=stage.weight_decay))
-        opts = [torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10)]
-    for opt in opts:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"]
-    return opts
-
-
-def lr_multiplier(step: int, stage: StageConfig) -> float:
-    """Linear warmup, constant, then linear warmdown to final_lr_frac over the last warmdown_frac of steps."""
-    if step < stage.warmup_steps:
-        return (step + 1) / stage.warmup_steps
-    warmdown = round(stage.warmdown_frac * stage.steps)
-    if warmdown and step >= stage.steps - warmdown:
-        progress = (stage.steps - step) / warmdown
-        return progress + (1 - progress) * stage.final_lr_frac
-    return 1.0
-
-
+# build_optimizers, lr_multiplier and set_lr_multiplier live in recursive_model.optim (Ray-free: the GPU benchmark
+# runs the same optimizer step without Ray).
 def peak_flops(config: PipelineConfig, device: torch.device) -> float:
     if config.device_peak_flops:
         return config.device_peak_flops
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower()
-        return next((v for k, v in PEAK_FLOPS.items() if k in name), PEAK_FLOPS["a100"])
-    return PEAK_FLOPS["cpu"]
+    # A GPU missing from the table counts as an A100; set device_peak_flops for a true MFU on it.
+    return device_peak_flops(device) or PEAK_FLOPS["a100"]
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -325,22 +263,25 @@ def run_stage(job: StageJob, session: Session, work_dir: str | None = None) -> S
         torch.set_num_threads(int(cfg.scaling.cpus_per_worker))
     tmp = tempfile.mkdtemp(prefix=f"rnc-{job.stage}-", dir=work_dir)
     try:
-        tokenizer = Tokenizer.load(_fetch_dir(storage, job.tokenizer_path, os.path.join(tmp, "tokenizer")))
-        latest = fetch_latest_valid(storage, job.stage_path, tmp)
+        tokenizer = Tokenizer.load(storage.local_dir(job.tokenizer_path, os.path.join(tmp, "tokenizer")))
+        latest = fetch_latest_valid(storage, job.stage_path, tmp, echo=say)
         opt_state, data_state, start_step = None, None, 0
         if latest is not None:
-            start_step, local = latest
-            loaded = load_checkpoint(local, load_optimizer=True)
+            start_step, verified = latest
+            loaded = load_checkpoint(verified, load_optimizer=True)
             model, opt_state, data_state = loaded.model, loaded.optimizer_state, loaded.meta.get("data")
             if session.rank == 0:
                 say(f"[{cfg.run_name}/{job.stage}] resuming from step {start_step}")
         elif job.init_checkpoint:
-            model = load_checkpoint(_fetch_checkpoint(storage, job.init_checkpoint, os.path.join(tmp, "init"))).model
+            init = fetch_checkpoint(job.init_checkpoint, INFERENCE_PARTS, storage=storage,
+                                    cache_dir=os.path.join(tmp, "init"))
+            model = load_checkpoint(init).model
         else:
             torch.manual_seed(cfg.seed)
             model = GPT(cfg.gpt_config())
-        model_cfg = stage.model_config(cfg.gpt_config())
-        model.config = model_cfg  # stage-level recurrence sampling (bptt_k etc.) applies to this stage's forward
+        rec = stage.recurrence_for(cfg.gpt_config())  # this stage's draw of r and bptt_k
+        # What the checkpoints record: the model's config with the recurrence this stage trained it with.
+        model_cfg = dataclasses.replace(model.config, recurrence=rec)
         raw_model = model
         model = session.prepare_model(model, device)
         optimizers = build_optimizers(raw_model, stage)
@@ -350,7 +291,7 @@ def run_stage(job: StageJob, session: Session, work_dir: str | None = None) -> S
         loader = make_train_loader(job, tokenizer, model_cfg, session, data_state)
         val_batches = make_val_batches(job, tokenizer, model_cfg) if session.rank == 0 else []
         token_bytes = tokenizer.token_bytes()
-        eval_recur = stage.eval_recur or [model_cfg.eval_recur]
+        eval_recur = stage.eval_recur or [model_cfg.decode.num_recur]
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_gpu else torch.autocast("cpu", enabled=False)
         run = _init_wandb(job, session)
         peak = peak_flops(cfg, device)
@@ -360,18 +301,14 @@ def run_stage(job: StageJob, session: Session, work_dir: str | None = None) -> S
         for step in range(start_step, stage.steps):
             t_step = time.perf_counter()
             # The same (seed, step) on every rank and after every resume: ranks never wait on each other.
-            r = sample_num_recur(model_cfg.train_recur_mean, model_cfg.recur_sigma, model_cfg.train_recur_max,
-                                 recur_generator(cfg.seed, step)) if model_cfg.is_recursive else 1
+            r = rec.sample(recur_generator(cfg.seed, step)) if model_cfg.is_recursive else 1
             torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + session.rank)  # noise state init replays too
-            mult = lr_multiplier(step, stage)
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = group["initial_lr"] * mult
+            set_lr_multiplier(optimizers, lr_multiplier(step, stage))
             loss_sum = 0.0
             for _ in range(stage.grad_accum):
                 x, y = next(loader)
                 with autocast:
-                    loss = model(x.to(device), targets=y.to(device), num_recur=r)
+                    loss = model(x.to(device), targets=y.to(device), num_recur=r, bptt_k=rec.bptt_k)
                 (loss / stage.grad_accum).backward()
                 loss_sum += loss.item() / stage.grad_accum
             grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), stage.grad_clip)
@@ -393,7 +330,7 @@ def run_stage(job: StageJob, session: Session, work_dir: str | None = None) -> S
             metrics = {
                 "step": done, "loss": loss_sum, "num_recur": r, "lr": optimizers[0].param_groups[-1]["lr"],
                 "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
-                "mfu": raw_model.flops_per_token(r) * tok_s / (peak * session.world_size),
+                "mfu": raw_model.flops_per_token(r, bptt_k=rec.bptt_k) * tok_s / (peak * session.world_size),
                 "tokens_seen": done * tokens_per_step, "resumed_from": start_step,
             }
             if eval_now and session.rank == 0:
@@ -425,20 +362,5 @@ def run_stage(job: StageJob, session: Session, work_dir: str | None = None) -> S
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _fetch_dir(storage: Storage, path: str, local: str) -> str:
-    if storage.is_s3:
-        storage.download_dir(path, local)
-        return local
-    return path
-
-
-def _fetch_checkpoint(storage: Storage, path: str, local: str) -> str:
-    """A verified local copy of a checkpoint (local storage is verified in place by load_checkpoint)."""
-    if storage.is_s3:
-        storage.download_checkpoint(path, local)
-        return local
-    return path
-
-
 __all__ = ["StageJob", "run_stage", "ray_train_loop", "build_trainer", "LocalSession", "RaySession",
-           "list_checkpoints", "fetch_latest_valid", "build_optimizers", "lr_multiplier"]
+           "build_optimizers", "lr_multiplier"]

@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from checkpoints import Storage, StorageConfig, list_checkpoints
+
 from .config import ConfigError, PipelineConfig
 from .dag import ensure_ray, run_tokenizer_stage
-from .storage import Storage, StorageConfig
 from .sweep import (
     OBJECTIVE,
     TIME_ATTR,
@@ -47,7 +48,7 @@ from .sweep import (
     results_json,
     results_markdown,
 )
-from .train_loop import LocalSession, RaySession, StageJob, build_trainer, list_checkpoints, run_stage, say
+from .train_loop import LocalSession, RaySession, StageJob, build_trainer, run_stage, say
 
 SWEEP_FILE = "sweep.json"
 TRAIN_DRIVER_CPU = 0.01  # a train-runner trial only waits on its TorchTrainer; Ray refuses 0
@@ -393,7 +394,7 @@ def _write_results(spec: SweepSpec, rows: list[TrialRow], best_yaml: str | None,
 
 # ----------------------------------------------------------------------------------------------------------- CLI
 def add_tune_subcommand(subparsers: argparse._SubParsersAction) -> None:
-    """Register `rnc tune` (called by pipelines.cli)."""
+    """Register `rnc tune` (called by rnc.cli)."""
     p = subparsers.add_parser("tune", help="Ray Tune sweep over a pipeline stage (ASHA, objective across r)",
                               description="Run a sweep file, or resume an interrupted sweep by name.")
     p.add_argument("--config", help="sweep file (YAML); see examples/sweep-tiny.yaml")

@@ -2,19 +2,22 @@
 
 A recursive GPT is prelude (n_prelude layers) -> recurrent block (n_recur layers applied r times) -> coda (n_coda
 layers). Effective depth is n_prelude + n_recur * r + n_coda. With n_recur = 0 it is a plain GPT.
+Recurrence settings are typed sub-configs from recurrence.py: `recurrence` (the training draw of r, truncated BPTT)
+and `decode` (the default DecodeSettings a caller starts from).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .recurrence import DecodeSettings, ExitRule, RecurrenceSampling, parse_kv_cache
+
 INJECT_MODES = ("concat_linear", "add")
 STATE_INITS = ("embed", "zeros", "noise")
-EXIT_CRITERIA = ("none", "kl", "latent")
-_KV_RE = re.compile(r"^(exact|final|ring:(\d+))$")
+
+__all__ = ["GPTConfig", "PRESETS", "INJECT_MODES", "STATE_INITS", "parse_kv_cache"]
 
 
 def _check_range(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
@@ -24,24 +27,9 @@ def _check_range(name: str, value: float, lo: float | None = None, hi: float | N
         raise ValueError(f"GPTConfig.{name}={value!r} is out of range; allowed {rng}")
 
 
-def parse_kv_cache(spec: str) -> tuple[str, int | None]:
-    """'exact' -> ('exact', None); 'final' -> ('ring', 1); 'ring:k' -> ('ring', k)."""
-    m = _KV_RE.match(spec)
-    if not m:
-        raise ValueError(f"kv_cache={spec!r} is not a KV cache strategy; allowed 'exact', 'final', 'ring:K' (K >= 1)")
-    if spec == "exact":
-        return "exact", None
-    if spec == "final":
-        return "ring", 1
-    k = int(m.group(2))
-    if k < 1:
-        raise ValueError(f"kv_cache={spec!r}: ring size must be >= 1")
-    return "ring", k
-
-
 @dataclass
 class GPTConfig:
-    """Architecture, recurrence-training and inference settings of a recursive GPT."""
+    """Architecture, recurrence-training and default decode settings of a recursive GPT."""
 
     # --- shape ---
     vocab_size: int = 65536  # tokenizer vocabulary incl. special tokens
@@ -53,25 +41,19 @@ class GPTConfig:
     n_recur: int = 4  # R: layers of the recurrent block (0 = plain GPT)
     n_coda: int = 2  # C: layers applied once after the recurrence
     softcap: float = 15.0  # logit soft-cap (nanochat); 0 disables
-    # --- recurrence during training ---
-    train_recur_mean: float = 4.0  # mean r of the Poisson log-normal draw (exact mean, not mean+1)
-    train_recur_max: int = 16  # r is clamped to [1, train_recur_max]
-    recur_sigma: float = 0.5  # log-normal sigma of the rate
-    bptt_k: int = 4  # gradients flow through the last k recurrences only
     inject_mode: str = "concat_linear"  # how the prelude output e enters each recurrence: concat_linear | add
     state_init: str = "embed"  # initial state s0: embed (s0 = e) | zeros | noise (truncated normal, var 2/5)
-    # --- inference ---
-    eval_recur: int = 4  # r used when a caller gives none (eval, decode)
-    recur_warm_start: bool = False  # decode: a token's s0 is the previous token's final state
-    kv_cache: str = "exact"  # exact | ring:K | final (one slot: only the final recurrence kept)
-    exit_criterion: str = "none"  # adaptive exit: none | kl | latent
-    exit_threshold: float = 5e-4  # kl: KL(p_i || p_{i-1}) below this; latent: |s_i - s_{i-1}| / |s_i| below this
-    exit_min_recur: int = 1  # never exit before this many recurrences
+    # --- recurrence ---
+    recurrence: RecurrenceSampling = field(default_factory=RecurrenceSampling)  # training draw of r, bptt_k
+    decode: DecodeSettings = field(default_factory=DecodeSettings)  # what eval and decode use unless told otherwise
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into checkpoints
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "sequence_len", "n_embd", "n_head", "n_kv_head", "train_recur_max", "bptt_k",
-                     "eval_recur", "exit_min_recur"):
+        if isinstance(self.recurrence, dict):
+            self.recurrence = RecurrenceSampling(**self.recurrence)
+        if isinstance(self.decode, dict):
+            self.decode = DecodeSettings.from_dict(self.decode)
+        for name in ("vocab_size", "sequence_len", "n_embd", "n_head", "n_kv_head"):
             _check_range(name, getattr(self, name), lo=1)
         for name in ("n_prelude", "n_recur", "n_coda"):
             _check_range(name, getattr(self, name), lo=0)
@@ -84,18 +66,14 @@ class GPTConfig:
         if self.n_kv_head > self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"GPTConfig.n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
         _check_range("softcap", self.softcap, lo=0)
-        _check_range("train_recur_mean", self.train_recur_mean, lo=1, hi=self.train_recur_max)
-        _check_range("recur_sigma", self.recur_sigma, lo=0)
-        if self.recur_sigma <= 0:
-            raise ValueError(f"GPTConfig.recur_sigma={self.recur_sigma} must be > 0")
-        _check_range("exit_threshold", self.exit_threshold, lo=0)
         if self.inject_mode not in INJECT_MODES:
             raise ValueError(f"GPTConfig.inject_mode={self.inject_mode!r}; allowed {INJECT_MODES}")
         if self.state_init not in STATE_INITS:
             raise ValueError(f"GPTConfig.state_init={self.state_init!r}; allowed {STATE_INITS}")
-        if self.exit_criterion not in EXIT_CRITERIA:
-            raise ValueError(f"GPTConfig.exit_criterion={self.exit_criterion!r}; allowed {EXIT_CRITERIA}")
-        parse_kv_cache(self.kv_cache)
+        if not isinstance(self.recurrence, RecurrenceSampling):
+            raise ValueError(f"GPTConfig.recurrence={self.recurrence!r} must be a RecurrenceSampling")
+        if not isinstance(self.decode, DecodeSettings):
+            raise ValueError(f"GPTConfig.decode={self.decode!r} must be a DecodeSettings")
 
     @property
     def head_dim(self) -> int:
@@ -107,7 +85,7 @@ class GPTConfig:
 
     def effective_depth(self, num_recur: int | None = None) -> int:
         """Layers a token passes through: P + R * r + C."""
-        r = self.eval_recur if num_recur is None else num_recur
+        r = self.decode.num_recur if num_recur is None else num_recur
         return self.n_prelude + self.n_recur * (r if self.is_recursive else 0) + self.n_coda
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,7 +93,12 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
-        """Build from a dict; unknown keys are an error naming them."""
+        """Build from a dict (as to_dict writes it); unknown keys are an error naming them.
+
+        Flat recurrence keys of format-1 checkpoints (`train_recur_mean`, `eval_recur`, `exit_criterion`, ...) are
+        read into the sub-configs, so older checkpoints keep loading.
+        """
+        d = _migrate_flat_keys(dict(d))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -124,24 +107,62 @@ class GPTConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
-        """A named preset (see PRESETS) with optional field overrides."""
+        """A named preset (see PRESETS) with optional field overrides (sub-configs as objects or dicts)."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+        base = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[name].items()}
+        for key in ("recurrence", "decode"):  # a partial sub-config dict overrides only the keys it names
+            if isinstance(overrides.get(key), dict):
+                overrides[key] = {**base.get(key, {}), **overrides[key]}
+        return cls.from_dict({**base, **overrides})
+
+
+# Format-1 flat names -> (sub-config, field) of the current layout.
+_FLAT_KEYS = {
+    "train_recur_mean": ("recurrence", "mean"), "train_recur_max": ("recurrence", "r_max"),
+    "recur_sigma": ("recurrence", "sigma"), "bptt_k": ("recurrence", "bptt_k"),
+    "eval_recur": ("decode", "num_recur"), "kv_cache": ("decode", "kv_cache"),
+    "recur_warm_start": ("decode", "warm_start"),
+}
+_FLAT_EXIT = ("exit_criterion", "exit_threshold", "exit_min_recur")
+
+
+def _migrate_flat_keys(d: dict[str, Any]) -> dict[str, Any]:
+    if not any(k in d for k in (*_FLAT_KEYS, *_FLAT_EXIT)):
+        return d
+    subs = {"recurrence": _as_dict(d.get("recurrence")), "decode": _as_dict(d.get("decode"))}
+    for old, (sub, new) in _FLAT_KEYS.items():
+        if old in d:
+            subs[sub][new] = d.pop(old)
+    criterion = d.pop("exit_criterion", "none")
+    threshold, min_recur = d.pop("exit_threshold", 5e-4), d.pop("exit_min_recur", 1)
+    if criterion != "none":
+        subs["decode"]["exit"] = ExitRule(criterion=criterion, threshold=threshold, min_recur=min_recur)
+    return {**d, **subs}
+
+
+def _as_dict(v: Any) -> dict[str, Any]:
+    if v is None:
+        return {}
+    return dict(v) if isinstance(v, dict) else {f.name: getattr(v, f.name) for f in dataclasses.fields(v)}
+
+
+def _rec(mean: float, r_max: int, bptt_k: int, sigma: float = 0.5) -> dict[str, Any]:
+    return dict(mean=mean, r_max=r_max, bptt_k=bptt_k, sigma=sigma)
 
 
 # The one place that lists the presets.
 PRESETS: dict[str, dict[str, Any]] = {
     # Unit tests: a forward+backward in milliseconds on 2 CPU cores.
     "tiny": dict(vocab_size=512, sequence_len=64, n_embd=32, n_head=4, n_kv_head=2, n_prelude=1, n_recur=2, n_coda=1,
-                 train_recur_mean=2.0, train_recur_max=4, bptt_k=2, eval_recur=2),
+                 recurrence=_rec(2.0, 4, 2), decode=dict(num_recur=2)),
     # The embedded default demo: trains for a few minutes on 2 CPU cores on the shipped corpus.
     "cpu-small": dict(vocab_size=4096, sequence_len=256, n_embd=128, n_head=4, n_kv_head=4, n_prelude=1, n_recur=2,
-                      n_coda=1, train_recur_mean=3.0, train_recur_max=8, bptt_k=3, eval_recur=3),
+                      n_coda=1, recurrence=_rec(3.0, 8, 3), decode=dict(num_recur=3)),
     # The reference design: (P, R, C) = (2, 4, 2), r_mean 4 -> effective depth 20, ~328M params.
     "d20-recursive": dict(vocab_size=65536, sequence_len=2048, n_embd=1280, n_head=10, n_kv_head=10, n_prelude=2,
-                          n_recur=4, n_coda=2, train_recur_mean=4.0, train_recur_max=16, bptt_k=4, eval_recur=4),
+                          n_recur=4, n_coda=2, recurrence=_rec(4.0, 16, 4), decode=dict(num_recur=4)),
     # The iso-FLOP baseline: a plain 20-layer GPT of the same width (~561M params).
     "d20": dict(vocab_size=65536, sequence_len=2048, n_embd=1280, n_head=10, n_kv_head=10, n_prelude=20, n_recur=0,
-                n_coda=0, train_recur_mean=1.0, train_recur_max=1, bptt_k=1, eval_recur=1),
+                n_coda=0, recurrence=_rec(1.0, 1, 1), decode=dict(num_recur=1)),
 }

@@ -1,29 +1,25 @@
-"""Batched generation with a KV cache, per-token recurrence accounting, adaptive exit and the calculator tool.
+"""Generation for one-shot callers: a batch of prompts in, tokens and recurrences out, on the continuous engine.
 
-One `generate` call serves a batch of prompts of different lengths: they are right-padded into one prefill, then
-decoded together, each row at its own position. Every generated token reports how many recurrences produced it.
+`Engine.generate` keeps the per-call form (every setting applies to every row) on top of `ContinuousEngine`: the
+prompts are submitted together and decoded until each one stops. Every generated token reports how many recurrences
+produced it. Settings: `decode` (a DecodeSettings; default the checkpoint's `config.decode`) plus the per-call
+shorthands `num_recur`, `kv_cache`, `exit`, `warm_start` that replace its fields.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from .calculator import CalculatorError, calculate
-from .kv_cache import KVCache
+from .batching import ContinuousEngine, SamplingParams, StepEvent, TokenStep
 from .model import GPT
+from .recurrence import DecodeSettings, ExitRule
 
+__all__ = ["Engine", "GenerationResult", "TokenStep", "SamplingParams", "resolve_decode"]
 
-@dataclass
-class TokenStep:
-    """One generated token of one row."""
-
-    token: int
-    num_recur: int  # recurrences spent on the forward pass that produced this token
-    forced: bool = False  # inserted by the calculator tool, not sampled
+_KEEP = object()  # "not given": keep the base settings' value (distinct from exit=None, which turns exit off)
 
 
 @dataclass
@@ -38,31 +34,25 @@ class GenerationResult:
         return sum(self.recurs) / len(self.recurs) if self.recurs else 0.0
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
-                generator: torch.Generator) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids. temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
-
-
-class _RowState:
-    """Tool-use bookkeeping of one row: forced tokens to emit and the expression being collected."""
-
-    def __init__(self) -> None:
-        self.forced: deque[int] = deque()
-        self.in_python = False
-        self.expr: list[int] = []
-        self.done = False
+def resolve_decode(base: DecodeSettings, decode: DecodeSettings | None = None, num_recur: int | None = None,
+                   kv_cache: str | None = None, exit: ExitRule | str | None | object = _KEEP,
+                   warm_start: bool | None = None) -> DecodeSettings:
+    """`decode` (or `base`) with the given shorthands applied; exit may be an ExitRule, 'kl:5e-4', or None (off)."""
+    s = decode or base
+    changes = {}
+    if num_recur is not None:
+        changes["num_recur"] = int(num_recur)
+    if kv_cache is not None:
+        changes["kv_cache"] = kv_cache
+    if exit is not _KEEP:
+        changes["exit"] = ExitRule.parse(exit) if isinstance(exit, str) else exit
+    if warm_start is not None:
+        changes["warm_start"] = bool(warm_start)
+    return s.replace(**changes) if changes else s
 
 
 class Engine:
-    """Generation over a GPT + Tokenizer. Thread-unsafe; one call at a time (Serve batches calls into one)."""
+    """Generation over a GPT + Tokenizer. Thread-unsafe; one call at a time (Serve runs a ContinuousEngine)."""
 
     def __init__(self, model: GPT, tokenizer):
         self.model = model
@@ -71,14 +61,11 @@ class Engine:
         tok = tokenizer.encode_special
         self.bos = tok("<|bos|>")
         self.stop_ids = {tok("<|assistant_end|>"), self.bos}
-        self.python_start, self.python_end = tok("<|python_start|>"), tok("<|python_end|>")
-        self.output_start, self.output_end = tok("<|output_start|>"), tok("<|output_end|>")
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.inference_mode()
     def generate(
         self,
         prompts: list[list[int]] | list[int],
@@ -86,77 +73,45 @@ class Engine:
         temperature: float = 1.0,
         top_k: int | None = None,
         seed: int = 0,
+        decode: DecodeSettings | None = None,
         num_recur: int | None = None,
         kv_cache: str | None = None,
-        exit_criterion: str | None = None,
-        exit_threshold: float | None = None,
-        min_recur: int | None = None,
+        exit: ExitRule | str | None | object = _KEEP,
         warm_start: bool | None = None,
     ) -> Iterator[list[TokenStep | None]]:
-        """Yield, per decoding step, one TokenStep per prompt (None once that row has stopped)."""
+        """Yield, per decoding step, one TokenStep per prompt (None where that row has no new token: it has stopped,
+        or it was admitted earlier than a batch mate that emits two tokens, prefill and first decode, in this step).
+
+        Row b samples with seed `seed + b`, so a prompt's tokens do not depend on the other prompts of the call.
+        """
         if prompts and isinstance(prompts[0], int):
             prompts = [prompts]  # a single prompt
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate: every prompt needs at least one token")
-        if max_tokens < 1:
-            raise ValueError(f"generate: max_tokens={max_tokens} must be >= 1")
-        cfg = self.config
-        r = cfg.eval_recur if num_recur is None else int(num_recur)
-        if cfg.is_recursive and r < 1:
-            raise ValueError(f"generate: num_recur={r} must be >= 1")
-        warm = cfg.recur_warm_start if warm_start is None else warm_start
-        B, dev = len(prompts), self.device
-        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)
-        longest = int(lengths.max())
-        if longest >= cfg.sequence_len:
-            raise ValueError(f"prompt of {longest} tokens leaves no room in the context of {cfg.sequence_len} tokens")
-        max_len = min(cfg.sequence_len, longest + max_tokens)
-        cache = KVCache(cfg, B, max_len, num_recur=max(r, 1), strategy=kv_cache, device=dev,
-                        dtype=next(self.model.parameters()).dtype)
-        ids = torch.zeros((B, longest), dtype=torch.long, device=dev)
-        for b, p in enumerate(prompts):
-            ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        kw = dict(num_recur=r, exit_criterion=exit_criterion, exit_threshold=exit_threshold, min_recur=min_recur)
-        # The prompt is processed at the full r: adaptive exit applies to generated tokens.
-        logits, used, state = self.model.forward_cached(ids, cache, lengths=lengths, num_recur=r)
-        rows = [_RowState() for _ in range(B)]
-        for _ in range(max_tokens):
-            sampled = sample_next(logits, temperature, top_k, gen).tolist()
-            used_list = used.tolist()
-            step: list[TokenStep | None] = []
-            next_ids = []
-            for b, row in enumerate(rows):
-                if row.done:
-                    step.append(None)
-                    next_ids.append(self.bos)  # finished rows ride along; their output is ignored
-                    continue
-                forced = bool(row.forced)
-                token = row.forced.popleft() if forced else sampled[b]
-                step.append(TokenStep(token, used_list[b], forced))
-                next_ids.append(token)
-                self._track_tools(row, token)
-            yield step
-            if all(row.done for row in rows) or int(cache.pos.max()) >= max_len:
-                return
-            x = torch.tensor(next_ids, dtype=torch.long, device=dev)[:, None]
-            logits, used, state = self.model.forward_cached(x, cache, init_state=state if warm else None, **kw)
-
-    def _track_tools(self, row: _RowState, token: int) -> None:
-        """Stop on stop tokens; run the calculator when a python block closes and queue its output."""
-        if token in self.stop_ids:
-            row.done = True
-        elif token == self.python_start:
-            row.in_python, row.expr = True, []
-        elif token == self.python_end and row.in_python:
-            row.in_python = False
-            try:
-                result = calculate(self.tokenizer.decode(row.expr))
-            except CalculatorError:
-                return  # nanochat's behaviour: no output block when the tool fails
-            row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
-        elif row.in_python:
-            row.expr.append(token)
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"generate: max_tokens={max_tokens!r} must be an int >= 1")
+        settings = resolve_decode(self.config.decode, decode, num_recur, kv_cache, exit, warm_start)
+        longest = max(len(p) for p in prompts)
+        if longest >= self.config.sequence_len:
+            raise ValueError(f"prompt of {longest} tokens leaves no room in the context of "
+                             f"{self.config.sequence_len} tokens")
+        budget = sum(min(self.config.sequence_len, len(p) + max_tokens) for p in prompts)
+        core = ContinuousEngine(self.model, self.tokenizer, kv_cache=settings.kv_cache,
+                                max_recur=settings.num_recur, kv_tokens=budget + 16 * len(prompts),
+                                max_running=len(prompts), prefill_chunk=self.config.sequence_len,
+                                prefill_tokens_per_step=sum(len(p) for p in prompts))
+        ids = [core.submit(p, SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                             seed=seed + b), settings) for b, p in enumerate(prompts)]
+        row_of = {sid: b for b, sid in enumerate(ids)}
+        while core.has_work:
+            events: list[StepEvent] = core.step()
+            per_row: list[list[TokenStep]] = [[] for _ in prompts]
+            for ev in events:
+                if ev.step is not None:
+                    per_row[row_of[ev.seq_id]].append(ev.step)
+            # A row admitted in this step has two tokens (its prefill's and its first decode's): one yield each.
+            for k in range(max(len(steps) for steps in per_row)):
+                yield [steps[k] if k < len(steps) else None for steps in per_row]
 
     def generate_batch(self, prompts: list[list[int]] | list[int], **kwargs) -> list[GenerationResult]:
         """Run `generate` to the end and collect tokens, recurrences and text per prompt."""

@@ -1,47 +1,104 @@
-"""KV cache for a recursive GPT: prelude and coda layers have one slot each, recurrent layers have `n_slots`.
+"""Paged KV memory for a recursive GPT: one preallocated pool of fixed-size blocks shared by every sequence.
 
-Strategies (GPTConfig.kv_cache):
-- exact   : a slot per recurrence per recurrent layer; decode equals the full forward at fixed r.
+Prelude and coda layers have one slot each; recurrent layers have `n_slots`, chosen by the strategy:
+- exact   : a slot per recurrence (n_slots = the largest budget the pool serves); decode equals the full forward.
 - ring:k  : recurrence i uses slot i mod k; equals exact when r <= k; memory for recurrent layers k/r of exact.
 - final   : ring:1, only the last recurrence of each token is kept (memory 1/r of exact).
-A token that used fewer recurrences than there are slots (adaptive exit, or a smaller r) has its deepest entry copied
-into the slots above it, so later tokens' lookups at any recurrence see the deepest state that token reached.
+A token that ran fewer recurrences than there are slots (adaptive exit, or a row with a smaller budget) has its deepest
+entry copied into the slots above it, so later tokens' lookups at any recurrence see the deepest state it reached.
 
-Shapes: B=batch, H=kv heads, L=cache length, Dh=head dim, T=new tokens in this call.
+ring:k with r > k, prefill vs decode: in a prefill all prompt tokens run recurrence i together, so a prompt token's
+attention at recurrence i reads the other prompt tokens' recurrence-i keys (as exact does). A decoded token at
+recurrence i reads slot i mod k of earlier tokens, which holds their *last* recurrence j ≡ i (mod k). Decoding a text
+token by token therefore differs from prefilling it once r > k; with r <= k both equal exact.
+
+Memory is sized in tokens: how many sequences run at once is set by the pool and their lengths, not by a
+batch size x context length rectangle. `KVPool` owns the blocks; a `SequenceKV` is one sequence's block list and
+length; `BatchKV` is what one forward call over some rows needs (block table, positions, mask).
+
+Shapes: B=rows, H=kv heads, T=new tokens, L=visible key length, Dh=head dim, NB=blocks in the pool, S=block size.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
 import torch
 
-from .config import GPTConfig, parse_kv_cache
+from .config import GPTConfig
+from .recurrence import parse_kv_cache
 
 
-class KVCache:
-    """Key/value tensors of every cached layer plus the per-row write position."""
+class PoolFull(RuntimeError):
+    """The pool has too few free blocks for the request; retry once running sequences finish."""
+
+
+class KVPool:
+    """Keys/values of every cached layer in `num_blocks` blocks of `block_size` tokens."""
 
     def __init__(
         self,
         config: GPTConfig,
-        batch_size: int,
-        max_len: int,
-        num_recur: int,
+        num_blocks: int,
+        block_size: int = 16,
         strategy: str | None = None,
+        num_recur: int | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        self.strategy = strategy or config.kv_cache
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"KVPool: num_blocks={num_blocks} and block_size={block_size} must be >= 1")
+        self.strategy = strategy or config.decode.kv_cache
         kind, k = parse_kv_cache(self.strategy)
-        # exact needs one slot per recurrence the caller may run; ring keeps k regardless of r.
-        self.n_slots = max(1, num_recur) if kind == "exact" else int(k)
+        r = config.decode.num_recur if num_recur is None else num_recur
+        # exact needs one slot per recurrence the pool may run; ring keeps k regardless of r.
+        self.n_slots = max(1, r) if kind == "exact" else int(k)
         self.kind = kind
         self.n_prelude, self.n_recur, self.n_coda = config.n_prelude, config.n_recur, config.n_coda
-        n_layers = self.n_prelude + (self.n_recur * self.n_slots) + self.n_coda
-        shape = (n_layers, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.n_layers = self.n_prelude + self.n_recur * self.n_slots + self.n_coda
+        self.block_size, self.num_blocks = block_size, num_blocks
+        shape = (self.n_layers, num_blocks, config.n_kv_head, block_size, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # next write position per row
-        self.max_len = max_len
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
+
+    @classmethod
+    def for_tokens(cls, config: GPTConfig, max_tokens: int, block_size: int = 16, **kwargs) -> KVPool:
+        """A pool holding `max_tokens` tokens in total, over all sequences."""
+        return cls(config, num_blocks=max(1, math.ceil(max_tokens / block_size)), block_size=block_size, **kwargs)
+
+    # --- blocks ----------------------------------------------------------------------------------------------------
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return math.ceil(n_tokens / self.block_size)
+
+    def allocate(self, seq: SequenceKV, n_tokens: int) -> None:
+        """Grow `seq` so it has room for `n_tokens` tokens in total; raises PoolFull (allocating nothing) if short."""
+        need = self.blocks_for(n_tokens) - len(seq.blocks)
+        if need <= 0:
+            return
+        if need > len(self._free):
+            raise PoolFull(f"KV pool: {need} more blocks needed, {len(self._free)} of {self.num_blocks} free")
+        seq.blocks.extend(self._free.pop() for _ in range(need))
+
+    def release(self, seq: SequenceKV) -> None:
+        self._free.extend(reversed(seq.blocks))
+        seq.blocks.clear()
+
+    def nbytes(self) -> int:
+        """Memory held by keys and values."""
+        return self.k.numel() * self.k.element_size() * 2
+
+    def bytes_per_token(self) -> int:
+        return self.nbytes() // (self.num_blocks * self.block_size)
 
     # --- layer indexing -------------------------------------------------------------------------------------------
     def prelude_layer(self, j: int) -> int:
@@ -59,50 +116,125 @@ class KVCache:
     def coda_layer(self, j: int) -> int:
         return self.n_prelude + self.n_slots * self.n_recur + j
 
-    # --- reads and writes -----------------------------------------------------------------------------------------
-    def positions(self, T: int) -> torch.Tensor:
-        """(B, T) absolute positions of the next T tokens of every row."""
-        return self.pos[:, None] + torch.arange(T, device=self.pos.device)[None, :]
 
-    def check_room(self, T: int) -> None:
-        if int(self.pos.max()) + T > self.max_len:
-            raise ValueError(f"KV cache full: {int(self.pos.max())} + {T} tokens > max_len={self.max_len}")
+@dataclass
+class SequenceKV:
+    """One sequence's share of the pool: its blocks, in order, and how many tokens are cached."""
 
-    def attn_mask(self, positions: torch.Tensor) -> torch.Tensor:
-        """(B, 1, T, L) boolean mask: a query at position p sees keys at positions <= p."""
-        L = int(positions.max()) + 1
+    blocks: list[int] = field(default_factory=list)
+    length: int = 0
+
+
+class BatchKV:
+    """The cache view of one forward call over B rows, each appending T tokens at its own position."""
+
+    def __init__(self, pool: KVPool, table: torch.Tensor, positions: torch.Tensor):
+        self.pool = pool
+        self.table = table  # (B, nb) block ids; rows with fewer blocks are padded (never visible, see mask)
+        self.positions = positions  # (B, T) absolute positions of the new tokens
+        bs = pool.block_size
+        self._blk = table.gather(1, positions // bs)  # (B, T) block of each new token
+        self._off = positions % bs  # (B, T) offset inside it
+        L = table.size(1) * bs
         keys = torch.arange(L, device=positions.device)
-        return (keys[None, None, :] <= positions[:, :, None])[:, None]
+        self.mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, L): causal, per row
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        """Write k, v (B, H, T, Dh) at `positions` (B, T) and return the keys/values up to the furthest position."""
-        rows = torch.arange(k.size(0), device=k.device)[:, None]
-        self.k[layer][rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[layer][rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
-        L = int(positions.max()) + 1
-        return self.k[layer, :, :, :L], self.v[layer, :, :, :L]
+    @classmethod
+    def build(cls, pool: KVPool, seqs: list[SequenceKV], T: int, device: torch.device | str) -> BatchKV:
+        """Rows `seqs` (their blocks must already cover length + T) each appending T tokens."""
+        nb = max(pool.blocks_for(s.length + T) for s in seqs)
+        table = torch.zeros((len(seqs), nb), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            n = min(nb, len(s.blocks))
+            table[b, :n] = torch.tensor(s.blocks[:n], dtype=torch.long)
+        starts = torch.tensor([s.length for s in seqs], dtype=torch.long)
+        positions = starts[:, None] + torch.arange(T)[None, :]
+        return cls(pool, table.to(device), positions.to(device))
 
-    def fill_forward(self, used: torch.Tensor, positions: torch.Tensor) -> None:
-        """Copy each row's deepest recurrent entry (recurrence used-1) into the slots above it at `positions`."""
-        if self.n_recur == 0:
+    def rows(self, idx: torch.Tensor) -> BatchKV:
+        """The view of a subset of rows (rows still recurring)."""
+        sub = object.__new__(BatchKV)
+        sub.pool, sub.table, sub.positions = self.pool, self.table[idx], self.positions[idx]
+        sub._blk, sub._off, sub.mask = self._blk[idx], self._off[idx], self.mask[idx]
+        return sub
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, T, Dh) at the rows' positions; return every row's keys/values (B, H, L, Dh)."""
+        pk, pv = self.pool.k[layer], self.pool.v[layer]  # (NB, H, S, Dh)
+        pk[self._blk, :, self._off] = k.transpose(1, 2).to(pk.dtype)
+        pv[self._blk, :, self._off] = v.transpose(1, 2).to(pv.dtype)
+        B, nb = self.table.shape
+        H, S, Dh = pk.shape[1:]
+        keys = pk[self.table].permute(0, 2, 1, 3, 4).reshape(B, H, nb * S, Dh)
+        values = pv[self.table].permute(0, 2, 1, 3, 4).reshape(B, H, nb * S, Dh)
+        return keys, values
+
+    def fill_forward(self, used: torch.Tensor) -> None:
+        """Copy each row's deepest recurrent entry (recurrence used-1) into the slots above it, at its positions."""
+        pool = self.pool
+        if pool.n_recur == 0:
             return
-        rows_all = torch.arange(used.size(0), device=used.device)
         for u in torch.unique(used).tolist():
-            if u >= self.n_slots:
-                continue  # every slot was written by this row's recurrences
-            rows = rows_all[used == u]
-            pos = positions[rows]
-            src = self.slot_for_iter(u - 1)
-            for j in range(self.n_recur):
-                s_layer = self.recur_layer(j, src)
-                for dst in range(u, self.n_slots):
-                    d_layer = self.recur_layer(j, dst)
-                    self.k[d_layer][rows[:, None], :, pos] = self.k[s_layer][rows[:, None], :, pos]
-                    self.v[d_layer][rows[:, None], :, pos] = self.v[s_layer][rows[:, None], :, pos]
+            if u >= pool.n_slots:
+                continue  # every slot was written by this row's own recurrences
+            rows = (used == u).nonzero().squeeze(1)
+            blk, off = self._blk[rows], self._off[rows]
+            src = pool.slot_for_iter(u - 1)
+            for j in range(pool.n_recur):
+                s_layer = pool.recur_layer(j, src)
+                for dst in range(u, pool.n_slots):
+                    d_layer = pool.recur_layer(j, dst)
+                    pool.k[d_layer][blk, :, off] = pool.k[s_layer][blk, :, off]
+                    pool.v[d_layer][blk, :, off] = pool.v[s_layer][blk, :, off]
+
+
+class KVCache:
+    """A static batch of `batch_size` sequences of up to `max_len` tokens each, over its own pool.
+
+    The convenience form of the pool for one-shot callers (tests, benchmarks, scoring): rows advance together by the
+    `lengths` given to each forward call.
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        max_len: int,
+        num_recur: int | None = None,
+        strategy: str | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        block_size: int = 16,
+    ):
+        bs = min(block_size, max_len)
+        per_row = math.ceil(max_len / bs)
+        self.pool = KVPool(config, num_blocks=batch_size * per_row, block_size=bs, strategy=strategy,
+                           num_recur=num_recur, device=device, dtype=dtype)
+        self.strategy, self.n_slots, self.max_len, self.device = self.pool.strategy, self.pool.n_slots, max_len, device
+        self.seqs = [SequenceKV() for _ in range(batch_size)]
+        for s in self.seqs:
+            self.pool.allocate(s, max_len)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """(B,) next write position per row."""
+        return torch.tensor([s.length for s in self.seqs], dtype=torch.long)
+
+    def view(self, T: int) -> BatchKV:
+        longest = max(s.length for s in self.seqs)
+        if longest + T > self.max_len:
+            raise ValueError(f"KV cache full: {longest} + {T} tokens > max_len={self.max_len}")
+        return BatchKV.build(self.pool, self.seqs, T, self.device)
 
     def advance(self, lengths: torch.Tensor) -> None:
-        self.pos += lengths
+        for s, n in zip(self.seqs, lengths.tolist(), strict=True):
+            s.length += int(n)
 
     def nbytes(self) -> int:
-        """Memory held by keys and values."""
-        return self.k.numel() * self.k.element_size() * 2
+        return self.pool.nbytes()
+
+    def key(self, layer: int, row: int, pos: int) -> torch.Tensor:
+        """The cached key (H, Dh) of `row` at position `pos` in cache layer `layer` (for inspection and tests)."""
+        seq = self.seqs[row]
+        bs = self.pool.block_size
+        return self.pool.k[layer, seq.blocks[pos // bs], :, pos % bs]

@@ -11,13 +11,15 @@ Shapes: B=batch, T=time, D=model dim, H=heads, Hk=kv heads, Dh=head dim, V=vocab
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-from .kv_cache import KVCache
+from .kv_cache import BatchKV, KVCache
+from .recurrence import EXIT_CRITERIA, DecodeSettings, ExitRule
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -32,12 +34,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class LayerKV:
-    """What one attention layer needs to use the cache: where to write and which keys it may see."""
+    """What one attention layer needs to use the cache: the batch view and which cached layer it is."""
 
-    __slots__ = ("cache", "layer", "positions", "mask")
+    __slots__ = ("view", "layer")
 
-    def __init__(self, cache: KVCache, layer: int, positions: torch.Tensor, mask: torch.Tensor):
-        self.cache, self.layer, self.positions, self.mask = cache, layer, positions, mask
+    def __init__(self, view: BatchKV, layer: int):
+        self.view, self.layer = view, layer
 
 
 class CausalSelfAttention(nn.Module):
@@ -61,8 +63,9 @@ class CausalSelfAttention(nn.Module):
         if kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            k, v = kv.cache.update(kv.layer, k, v, kv.positions)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=kv.mask, enable_gqa=gqa)
+            k, v = kv.view.update(kv.layer, k, v)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=kv.view.mask,
+                                               enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -82,7 +85,14 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.mlp = MLP(config)
 
+        self.decode_step = None  # set by GPT.compile_decode(): this block's compiled one-token cached forward
+
     def forward(self, x, cos, sin, kv: LayerKV | None = None):
+        if kv is not None and self.decode_step is not None and x.size(1) == 1:
+            return self.decode_step(x, cos, sin, kv)
+        return self.layer(x, cos, sin, kv)
+
+    def layer(self, x, cos, sin, kv: LayerKV | None = None):
         x = x + self.attn(norm(x), cos, sin, kv)
         return x + self.mlp(norm(x))
 
@@ -131,11 +141,14 @@ class GPT(nn.Module):
             self.adapter.weight[:, :d].copy_(torch.eye(d))
 
     # --- the recurrence -------------------------------------------------------------------------------------------
-    def initial_state(self, e: torch.Tensor) -> torch.Tensor:
+    def initial_state(self, e: torch.Tensor,
+                      generators: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
         """s0 according to config.state_init: a fresh tensor without gradient (as Huginn's noise state).
 
         Gradient reaches e through the injection at every differentiated recurrence, never through s0; keeping s0 a
-        distinct, grad-free tensor also keeps the compiled recurrence from specialising on aliasing.
+        distinct, grad-free tensor also keeps the compiled recurrence from specialising on aliasing. For 'noise',
+        `generators` (one per row of e) make each row's draw its own, so decoding is reproducible from a seed and
+        independent of batch mates; without them the global RNG is used (training seeds it per step).
         """
         mode = self.config.state_init
         if mode == "embed":
@@ -143,7 +156,13 @@ class GPT(nn.Module):
         if mode == "zeros":
             return torch.zeros_like(e)
         std = math.sqrt(2.0 / 5.0)  # Huginn's truncated normal, variance 2/5
-        return nn.init.trunc_normal_(torch.empty_like(e), std=std, a=-3 * std, b=3 * std)
+        out = torch.empty_like(e)
+        if generators is None:
+            return nn.init.trunc_normal_(out, std=std, a=-3 * std, b=3 * std)
+        for b, g in enumerate(generators):
+            cpu = torch.empty(e.shape[1:], dtype=e.dtype)  # drawn on CPU: the same numbers on every device
+            out[b] = nn.init.trunc_normal_(cpu, std=std, a=-3 * std, b=3 * std, generator=g).to(e.device)
+        return out
 
     def inject(self, s: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         if self.adapter is not None:
@@ -161,6 +180,17 @@ class GPT(nn.Module):
         """Compile one recurrence once; the Python loop over r stays outside, so r never triggers a recompile."""
         self._recur_step = torch.compile(self.recur_step, **compile_kwargs)
 
+    def compile_decode(self, **compile_kwargs) -> None:
+        """Compile each block's one-token cached forward (cache write + paged gather + attention + MLP).
+
+        Decoding is launch-bound at small widths: fusing a layer's ~30 ops is what makes the cache pay. One graph per
+        block, dynamic in batch size and cache length; the loop over recurrences, the exits and the gathers of rows
+        still recurring stay in Python, so neither r nor the exit pattern recompiles.
+        """
+        compile_kwargs.setdefault("dynamic", True)
+        for block in [*self.prelude, *self.recur, *self.coda]:
+            block.decode_step = torch.compile(block.layer, **compile_kwargs)
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(norm(x)).float()
         cap = self.config.softcap
@@ -168,10 +198,11 @@ class GPT(nn.Module):
 
     # --- full forward (training, scoring) -------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, num_recur: int | None = None,
-                loss_reduction: str = "mean"):
+                loss_reduction: str = "mean", bptt_k: int | None = None):
         """Logits (B, T, V) without targets; with targets (-1 = ignore) the cross-entropy ('mean' or 'none': (B*T,)).
 
-        When gradients are enabled only the last `bptt_k` recurrences are differentiated (truncated BPTT).
+        When gradients are enabled only the last `bptt_k` recurrences (default config.recurrence.bptt_k) are
+        differentiated (truncated BPTT). `num_recur` defaults to config.decode.num_recur.
         """
         B, T = idx.shape
         if T > self.config.sequence_len:
@@ -181,12 +212,17 @@ class GPT(nn.Module):
         for block in self.prelude:
             x = block(x, cos, sin)
         if self.config.is_recursive:
-            r = self.config.eval_recur if num_recur is None else int(num_recur)
+            r = self.config.decode.num_recur if num_recur is None else int(num_recur)
+            k = self.config.recurrence.bptt_k if bptt_k is None else int(bptt_k)
             if r < 1:
                 raise ValueError(f"num_recur={r} must be >= 1")
             e = x
             s = self.initial_state(e)
-            n_frozen = max(0, r - self.config.bptt_k) if torch.is_grad_enabled() else 0
+            if torch.is_autocast_enabled(e.device.type):
+                # Every later state leaves the autocast adapter in the autocast dtype: s0 matching it keeps the
+                # compiled recurrence at one graph per grad mode instead of two.
+                s = s.to(torch.get_autocast_dtype(e.device.type))
+            n_frozen = max(0, r - k) if torch.is_grad_enabled() else 0
             with torch.no_grad():
                 e_frozen = e.detach()  # same graph as inference (e without grad) for the frozen steps
                 for _ in range(n_frozen):
@@ -211,81 +247,111 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         cache: KVCache,
-        num_recur: int | None = None,
+        settings: DecodeSettings | None = None,
         lengths: torch.Tensor | None = None,
-        exit_criterion: str | None = None,
-        exit_threshold: float | None = None,
-        min_recur: int | None = None,
         init_state: torch.Tensor | None = None,
+        prompt: bool | None = None,
     ):
-        """Append idx (B, T) to the cache and return (logits (B, V), recurrences used (B,), final state (B, D)).
+        """Append idx (B, T) to a static KVCache with one DecodeSettings for every row (default: config.decode).
 
-        Outputs are taken at each row's last valid token (`lengths`, default T: right-padded prefill). Adaptive exit
-        (criterion 'kl' or 'latent') applies per row when T == 1; exited rows keep their state frozen while the rest
-        recur, and the cache gets their deepest entry. `init_state` (B, D) replaces s0 (warm start from the previous
-        token's final state).
+        Returns (logits (B, V), recurrences used (B,), final state (B, D)) at each row's last valid token
+        (`lengths`, default T: right-padded prefill). `init_state` (B, D) replaces s0 (warm start). `prompt`: the
+        tokens are prompt tokens and run the full budget (default: T > 1; pass True for a one-token prompt).
+        The cache's own strategy applies (settings.kv_cache is what the cache was built with).
         """
-        cfg = self.config
+        settings = self.config.decode if settings is None else settings
         B, T = idx.shape
-        lengths = torch.full((B,), T, dtype=torch.long, device=idx.device) if lengths is None else lengths
-        cache.check_room(T)
-        positions = cache.positions(T)  # (B, T)
+        lengths = torch.full((B,), T, dtype=torch.long) if lengths is None else lengths.cpu()
+        kv = cache.view(T)
+        out = self.forward_rows(idx, kv, [settings] * B, lengths=lengths.to(idx.device), init_state=init_state,
+                                prompt=T > 1 if prompt is None else prompt)
+        cache.advance(lengths)
+        return out
+
+    @torch.no_grad()
+    def forward_rows(
+        self,
+        idx: torch.Tensor,
+        kv: BatchKV,
+        settings: Sequence[DecodeSettings],
+        lengths: torch.Tensor | None = None,
+        init_state: torch.Tensor | None = None,
+        warm: torch.Tensor | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
+        prompt: bool = False,
+    ):
+        """One cached forward over rows that each carry their own DecodeSettings (budget r, exit rule).
+
+        idx (B, T) is appended at the positions `kv` holds. Prompt tokens (`prompt=True`) run every row's full budget;
+        decoded tokens (T == 1) stop recurring once their exit rule fires. Compute follows exits: at every recurrence
+        only the rows still recurring are gathered and run, so an exited or low-budget row costs nothing more and no
+        row's result depends on its batch mates. `init_state` (B, D) with mask `warm` (B,) (default: all rows) replaces
+        s0 (warm start); `generators` give each row its own noise for state_init='noise'.
+        Returns (logits (B, V), recurrences used (B,), final state (B, D)) at each row's last valid token.
+        """
+        cfg, pool = self.config, kv.pool
+        B, T = idx.shape
+        dev = idx.device
+        lengths = torch.full((B,), T, dtype=torch.long, device=dev) if lengths is None else lengths
+        positions = kv.positions
         if int(positions.max()) >= cfg.sequence_len:
             raise ValueError(f"position {int(positions.max())} exceeds sequence_len={cfg.sequence_len}")
         cos, sin = self.cos[0][positions], self.sin[0][positions]  # (B, T, 1, Dh/2)
-        mask = cache.attn_mask(positions)
-
-        def kv(layer: int) -> LayerKV:
-            return LayerKV(cache, layer, positions, mask)
-
         x = norm(self.wte(idx))
         for j, block in enumerate(self.prelude):
-            x = block(x, cos, sin, kv(cache.prelude_layer(j)))
-        r = cfg.eval_recur if num_recur is None else int(num_recur)
-        used = torch.full((B,), r if cfg.is_recursive else 0, dtype=torch.long, device=idx.device)
+            x = block(x, cos, sin, LayerKV(kv, pool.prelude_layer(j)))
+        used = torch.zeros(B, dtype=torch.long, device=dev)
         if cfg.is_recursive:
-            criterion = cfg.exit_criterion if exit_criterion is None else exit_criterion
-            threshold = cfg.exit_threshold if exit_threshold is None else exit_threshold
-            r_min = cfg.exit_min_recur if min_recur is None else min_recur
-            adaptive = criterion != "none" and T == 1
+            budgets = torch.tensor([s.num_recur for s in settings], dtype=torch.long, device=dev)
+            exits = [None] * B if prompt or T > 1 else [s.exit for s in settings]  # prompts run the full budget
             e = x
-            s = self.initial_state(e) if init_state is None else init_state.view(B, 1, -1).to(e.dtype)
-            active = torch.ones(B, dtype=torch.bool, device=idx.device)
-            prev_logp = None
-            for i in range(r):
-                slot = cache.slot_for_iter(i)
-                s_new = self.recur_step(s, e, cos, sin, [kv(cache.recur_layer(j, slot)) for j in range(cfg.n_recur)])
-                if not adaptive:
-                    s = s_new
-                    continue
-                s_new = torch.where(active[:, None, None], s_new, s)  # exited rows keep their state
-                if criterion == "latent":
-                    change = (s_new - s).norm(dim=-1) / s_new.norm(dim=-1).clamp_min(1e-12)
-                    converged = change[:, 0] < threshold
-                else:  # kl between successive recurrences' next-token distributions
-                    logp = F.log_softmax(self._coda_logits(s_new, cos, sin, cache, kv), dim=-1)[:, -1]
-                    converged = torch.zeros_like(active)
-                    if prev_logp is not None:
-                        kl = (logp.exp() * (logp - prev_logp)).sum(-1)
-                        converged = kl < threshold
-                    prev_logp = logp
-                s = s_new
-                exiting = active & converged & (i + 1 >= r_min)
-                used[exiting] = i + 1
-                active &= ~exiting
-                if not active.any():
-                    break
-            cache.fill_forward(used, positions)
+            s = self.initial_state(e, generators)
+            if init_state is not None:
+                warm = torch.ones(B, dtype=torch.bool, device=dev) if warm is None else warm
+                s = torch.where(warm[:, None, None], init_state.view(B, 1, -1).to(e.dtype), s)
+            s, used = self._recur_rows(s, e, cos, sin, kv, budgets, exits)
+            kv.fill_forward(used)
             x = s
-        logits = self._coda_logits(x, cos, sin, cache, kv)
-        cache.advance(lengths)
+        logits = self._coda_logits(x, cos, sin, kv)
         last = (lengths - 1).clamp_min(0)
-        rows = torch.arange(B, device=idx.device)
+        rows = torch.arange(B, device=dev)
         return logits[rows, last], used, x[rows, last]
 
-    def _coda_logits(self, x, cos, sin, cache: KVCache, kv) -> torch.Tensor:
+    def _recur_rows(self, s, e, cos, sin, kv: BatchKV, budgets: torch.Tensor, exits: list[ExitRule | None]):
+        """Run every row up to its budget or its exit; returns (final states, recurrences used per row)."""
+        pool, dev = kv.pool, s.device
+        B = s.size(0)
+        used = budgets.clone()
+        active = torch.ones(B, dtype=torch.bool, device=dev)
+        checks = _ExitChecks(exits, dev) if any(x is not None for x in exits) else None
+        for i in range(int(budgets.max())):
+            active &= budgets > i
+            if not bool(active.any()):
+                break
+            slot = pool.slot_for_iter(i)
+            if bool(active.all()):
+                rows, s_in, e_in, c, sn, kv_i = None, s, e, cos, sin, kv
+            else:  # gather the rows still recurring; the others keep their state and cost nothing
+                rows = active.nonzero().squeeze(1)
+                s_in, e_in, c, sn, kv_i = s[rows], e[rows], cos[rows], sin[rows], kv.rows(rows)
+            s_out = self.recur_step(s_in, e_in, c, sn, [LayerKV(kv_i, pool.recur_layer(j, slot))
+                                                         for j in range(self.config.n_recur)])
+            if checks is not None:
+                idx = torch.arange(B, device=dev) if rows is None else rows
+                probe = lambda sub, st=s_out, c=c, sn=sn, kv_i=kv_i: self._coda_logits(  # noqa: E731
+                    st[sub], c[sub], sn[sub], kv_i.rows(sub))
+                exiting = checks.step(i, idx, s_in[:, -1], s_out[:, -1], probe)
+                used[idx[exiting]] = i + 1
+                active[idx[exiting]] = False
+            if rows is None:
+                s = s_out
+            else:
+                s = s.index_copy(0, rows, s_out)
+        return s, used
+
+    def _coda_logits(self, x, cos, sin, kv: BatchKV) -> torch.Tensor:
         for j, block in enumerate(self.coda):
-            x = block(x, cos, sin, kv(cache.coda_layer(j)))
+            x = block(x, cos, sin, LayerKV(kv, kv.pool.coda_layer(j)))
         return self.head(x)
 
     # --- accounting -----------------------------------------------------------------------------------------------
@@ -295,10 +361,10 @@ class GPT(nn.Module):
     def effective_depth(self, num_recur: int | None = None) -> int:
         return self.config.effective_depth(num_recur)
 
-    def flops_per_token(self, num_recur: int | None = None, training: bool = True) -> float:
+    def flops_per_token(self, num_recur: int | None = None, training: bool = True, bptt_k: int | None = None) -> float:
         """Matmul + attention FLOPs per token (forward 2N, backward 4N only for differentiated recurrences)."""
         cfg = self.config
-        r = (cfg.eval_recur if num_recur is None else num_recur) if cfg.is_recursive else 0
+        r = (cfg.decode.num_recur if num_recur is None else num_recur) if cfg.is_recursive else 0
         block = sum(p.numel() for p in self.recur[0].parameters()) if cfg.is_recursive else 0
         adapter = self.adapter.weight.numel() if self.adapter is not None else 0
         once = sum(p.numel() for b in [*self.prelude, *self.coda] for p in b.parameters()) + self.lm_head.weight.numel()
@@ -308,9 +374,45 @@ class GPT(nn.Module):
         fwd = 2 * (once + r * per_iter) + attn_per_layer * (layers_once + r * layers_iter)
         if not training:
             return float(fwd)
-        k = min(r, cfg.bptt_k)
+        k = min(r, cfg.recurrence.bptt_k if bptt_k is None else bptt_k)
         bwd = 2 * (2 * (once + k * per_iter) + attn_per_layer * (layers_once + k * layers_iter))
         return float(fwd + bwd)
+
+
+class _ExitChecks:
+    """The exit rules of one decode step's rows, evaluated per criterion so rows with different rules share a step."""
+
+    def __init__(self, exits: list[ExitRule | None], device: torch.device):
+        self.threshold = torch.tensor([x.threshold if x else 0.0 for x in exits], dtype=torch.float64, device=device)
+        self.min_recur = torch.tensor([x.min_recur if x else 1 for x in exits], dtype=torch.long, device=device)
+        names = sorted({x.criterion for x in exits if x is not None})
+        self.groups = {n: torch.tensor([x is not None and x.criterion == n for x in exits], device=device)
+                       for n in names}
+        self.prev_logp: dict[str, torch.Tensor] = {}  # criterion -> (B, V) log-probs after the previous recurrence
+
+    def step(self, i: int, idx: torch.Tensor, s_prev: torch.Tensor, s_new: torch.Tensor, probe) -> torch.Tensor:
+        """Rows `idx` (n,) just ran recurrence i; returns which of them exit now (bool (n,)).
+
+        `probe(local)` gives the coda logits (m, 1, V) of the rows at positions `local` of idx, computed only when a
+        criterion needs them. Active rows ran every recurrence 0..i-1, so a previous distribution exists iff i > 0.
+        """
+        exiting = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
+        for name, member in self.groups.items():
+            local = member[idx].nonzero().squeeze(1)
+            if local.numel() == 0:
+                continue
+            crit, rows = EXIT_CRITERIA[name], idx[local]
+            logp_prev = logp_new = None
+            if crit.uses_logits:
+                logp_new = F.log_softmax(probe(local)[:, -1], dim=-1)
+                store = self.prev_logp.setdefault(name, torch.zeros(member.numel(), logp_new.size(-1),
+                                                                    dtype=logp_new.dtype, device=idx.device))
+                logp_prev = store[rows] if i > 0 else None
+                store[rows] = logp_new
+            conv = crit.converged(s_prev[local], s_new[local], logp_prev, logp_new,
+                                  self.threshold[rows].to(s_new.dtype))
+            exiting[local] = conv & (i + 1 >= self.min_recur[rows])
+        return exiting
 
 
 def parameter_counts(config: GPTConfig) -> dict[str, int]:

@@ -154,8 +154,15 @@ class Tokenizer:
         raise TypeError(f"encode: text must be str or list[str], got {type(text).__name__}")
 
     def decode(self, ids: list[int]) -> str:
-        """Decode ids to text; special tokens appear as their names, invalid UTF-8 as U+FFFD."""
-        return self.encoding.decode(list(ids), errors="replace")
+        """Decode ids to text; special tokens appear as their names, invalid UTF-8 as U+FFFD.
+
+        Raises ValueError naming the first id outside [0, vocab_size) (tiktoken would raise KeyError or OverflowError).
+        """
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):  # min/max: one C-speed pass on the common path
+            index, bad = next((i, t) for i, t in enumerate(ids) if not 0 <= t < self.vocab_size)
+            raise ValueError(f"decode: ids[{index}]={bad} is out of range [0, {self.vocab_size})")
+        return self.encoding.decode(ids, errors="replace")
 
     def id_to_token(self, token_id: int) -> bytes:
         """The bytes of one token (special tokens: their name in UTF-8)."""

@@ -1,6 +1,7 @@
-"""Ray Serve application for recursive GPTs: budget router, per-tier model deployments, OpenAI-compatible HTTP API,
-chat page, and the `rnc serve` / `rnc chat` commands.
+"""Ray Serve application for recursive GPTs: budget router, per-tier model deployments (one continuous-batching
+engine per replica), OpenAI-compatible HTTP API, chat page, and the `rnc serve` / `rnc chat` commands.
 
-Modules without Ray (importable and testable anywhere): `config`, `router`, `protocol`, `service`,
-`engine_adapter`, `loading`, `chat`. With Ray: `app` (deployments, `build_app`), `metrics`, `cli`.
+Modules without Ray (importable and testable anywhere): `config`, `router`, `protocol`, `service`, `generation`
+(what crosses to a replica and back), `batcher` (the replica's engine thread), `loading`, `chat`. With Ray: `app`
+(deployments, `build_app`), `metrics`, `cli`.
 """

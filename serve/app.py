@@ -1,10 +1,12 @@
 """The Ray Serve application: a FastAPI ingress in front of one model deployment per compute tier.
 
-    HTTP -> Ingress (parse, auth, route by budget, stream SSE) -> tier-<name> replicas (BatchingEngine over Engine)
+    HTTP -> Ingress (parse, auth, route by budget, stream SSE) -> tier-<name> replicas (ReplicaBatcher over one
+                                                                                  ContinuousEngine)
 
 Each tier is its own deployment with its own autoscaling and resources, so cheap requests never queue behind deep
-ones and each tier scales with its own traffic. Both deployments are thin: request logic is in `serve.service`,
-batching and generation in `serve.engine_adapter`, both testable without Ray.
+ones and each tier scales with its own traffic. Within a replica, every request shares the steps of one continuous-
+batching engine, whatever its r (inside the tier's range), exit rule or sampling settings. Both deployments are thin:
+request logic is in `serve.service`, batching in `serve.batcher`, both testable without Ray.
 
 `build_app(args)` is the application builder for `serve.run`, `rnc serve deploy` and Serve config files
 (`import_path: serve.app:build_app`, `args:` = a ServeConfig).
@@ -12,6 +14,7 @@ batching and generation in `serve.engine_adapter`, both testable without Ray.
 
 # No `from __future__ import annotations` here: FastAPI must resolve the route annotations (`request: Request`)
 # after Serve has rewritten the ingress methods, and string annotations then turn into query parameters.
+import dataclasses
 import hmac
 import logging
 import os
@@ -28,11 +31,12 @@ from ray.serve import Application
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from .batcher import ReplicaBatcher
 from .config import ServeConfig, format_validation_error
-from .engine_adapter import BatchingEngine, Completion, GenerationRequest, StreamChunk
+from .generation import Completion, GenerationRequest, StreamChunk
 from .protocol import error_body
 from .router import RequestError
-from .service import ChatPlanner, StreamFormatter
+from .service import ChatPlanner, StreamFormatter, error_response
 
 logger = logging.getLogger("ray.serve")
 
@@ -41,10 +45,12 @@ _UNAVAILABLE = (RayActorError, BackPressureError, DeploymentUnavailableError, Re
 
 @serve.deployment(health_check_period_s=10)
 class TierModel:
-    """One tier's replica: the checkpoint's weights, loaded once, behind a BatchingEngine."""
+    """One tier's replica: the checkpoint's weights, loaded once, behind one continuous-batching engine."""
 
     def __init__(self, config: dict[str, Any], tier: str):
         import torch
+
+        from recursive_model.batching import ContinuousEngine
 
         from .loading import load_engine
         from .metrics import TierMetrics
@@ -53,20 +59,17 @@ class TierModel:
         self.tier = cfg.tier(tier)
         torch.set_num_threads(self.tier.torch_threads)
         loaded = load_engine(cfg.checkpoint, cfg.cache_dir)
-        if self.tier.r_max > loaded.config.train_recur_max:
+        if self.tier.r_max > loaded.config.recurrence.r_max:
             logger.warning(
-                "tier %s: r_max=%d is deeper than training (train_recur_max=%d): extrapolated depth",
+                "tier %s: r_max=%d is deeper than training (recurrence.r_max=%d): extrapolated depth",
                 tier,
                 self.tier.r_max,
-                loaded.config.train_recur_max,
+                loaded.config.recurrence.r_max,
             )
-        self.batcher = BatchingEngine(
-            loaded.engine,
-            self.tier.max_batch_size,
-            self.tier.batch_wait_timeout_s,
-            TierMetrics(tier),
-            self.tier.batch_wait_fraction,
+        engine = ContinuousEngine(
+            loaded.engine.model, loaded.tokenizer, **self.tier.engine_options(loaded.config.sequence_len)
         )
+        self.batcher = ReplicaBatcher(engine, TierMetrics(tier), retry_after_s=self.tier.retry_after_s)
 
     async def generate(self, request: GenerationRequest) -> Completion:
         return await self.batcher.generate(request)
@@ -84,15 +87,12 @@ class TierModel:
             "tier": self.tier.name,
             "actor_name": ctx.get_actor_name(),
             "pid": os.getpid(),
-            "queue_length": self.batcher.queue_length,
-            "batches_run": self.batcher.batches_run,
-            "requests_run": self.batcher.requests_run,
-            "busy_s": self.batcher.busy_s,
+            **dataclasses.asdict(self.batcher.stats()),
         }
 
     def check_health(self) -> None:
         if not self.batcher.healthy():
-            raise RuntimeError(f"tier {self.tier.name}: batch scheduler died")
+            raise RuntimeError(f"tier {self.tier.name}: the engine thread stopped")
 
 
 api = FastAPI(title="recursive-gpt", description="OpenAI-compatible chat completions routed by compute budget")
@@ -104,11 +104,11 @@ class Ingress:
     """HTTP edge: validation, bearer auth, budget routing, streaming. Holds a handle per tier."""
 
     def __init__(self, config: dict[str, Any], tiers: dict[str, DeploymentHandle]):
-        from .loading import load_tokenizer
+        from .loading import load_tokenizer_and_config
         from .metrics import IngressMetrics
 
         self.config = ServeConfig.model_validate(config)
-        tokenizer, model_config = load_tokenizer(self.config.checkpoint, self.config.cache_dir)
+        tokenizer, model_config = load_tokenizer_and_config(self.config.checkpoint, self.config.cache_dir)
         self.planner = ChatPlanner(self.config, tokenizer, model_config.sequence_len)
         self.handles = tiers
         self.stream_handles = {name: h.options(stream=True) for name, h in tiers.items()}
@@ -140,7 +140,7 @@ class Ingress:
             plan = self.planner.plan(await request.body())
         except RequestError as exc:
             self.metrics.response(None, exc.status)
-            return JSONResponse(error_body(exc.message, exc.param, exc.code), status_code=exc.status)
+            return self._request_error(exc)
         tier = plan.route.tier
         if plan.request.stream:
             gen = self.stream_handles[tier].stream.remote(plan.generation)
@@ -175,7 +175,12 @@ class Ingress:
             logger.warning("stream on tier %s failed: %s", formatter.tier, message)
             yield StreamFormatter.error(message, status)
         finally:
-            gen.cancel()  # a client that disconnected frees its batch row
+            gen.cancel()  # a client that disconnected frees its engine row at the next step
+
+    @staticmethod
+    def _request_error(exc: RequestError) -> JSONResponse:
+        body, status, headers = error_response(exc)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     def _check_auth(self, request: Request) -> JSONResponse | None:
         if self.token is None:
@@ -202,9 +207,9 @@ class Ingress:
 
     def _upstream_error(self, exc: BaseException, tier: str) -> JSONResponse:
         cause = exc.cause if isinstance(exc, RayTaskError) else exc
-        if isinstance(cause, RequestError):
+        if isinstance(cause, RequestError):  # incl. 503 + Retry-After from a replica whose queue is full
             self.metrics.response(tier, cause.status)
-            return JSONResponse(error_body(cause.message, cause.param, cause.code), status_code=cause.status)
+            return self._request_error(cause)
         status, message = self._classify(exc, tier)
         if status == 500:
             logger.exception("tier %s failed", tier, exc_info=exc)

@@ -1,8 +1,9 @@
 """`rnc chat`: a terminal chat with a checkpoint, using the Engine directly (no Ray, no HTTP).
 
 Tokens are printed as they are generated; on a colour terminal each is shaded by the recurrences it used (darker =
-more), like the web page. Commands: `/r N` sets recurrences per token, `/exit X` the adaptive-exit threshold
-(`/exit off`), `/reset` clears the conversation, `/quit` (or EOF) leaves.
+more), like the web page. Commands: `/r N` sets recurrences per token, `/exit X` the adaptive-exit threshold (of the
+current criterion), `/exit kl:5e-4` a whole exit rule, `/exit off` turns it off, `/reset` clears the conversation,
+`/quit` (or EOF) leaves.
 """
 
 from __future__ import annotations
@@ -13,44 +14,40 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
-from .engine_adapter import TokenDecoder
-from .loading import load_engine
+from recursive_model.recurrence import EXIT_CRITERIA, DecodeSettings, ExitRule
+
+from .generation import TokenDecoder
+from .loading import LoadedModel
 
 # 256-colour greys from light to dark: index into it by r / r_scale.
 _SHADES = [255, 253, 251, 249, 247, 245, 243, 241]
+_HELP = "/r N, /exit X|criterion:X|off, /reset, /quit"
 
 
 @dataclass
 class ChatSettings:
-    """Generation settings of a chat session; `/r` and `/exit` change them between turns."""
+    """Generation settings of a chat session; `/r` and `/exit` change `decode` between turns."""
 
-    num_recur: int | None = None  # None = the checkpoint's eval_recur
+    decode: DecodeSettings  # r, KV strategy, exit rule, warm start (`rnc chat`: the checkpoint's, changed by flags)
     max_tokens: int = 256
     temperature: float = 0.8
     top_k: int | None = 50
-    kv_cache: str | None = None  # None = the checkpoint's default
-    exit_criterion: str = "latent"
-    exit_threshold: float | None = None  # None = no adaptive exit
 
 
 def run_chat(
-    checkpoint: str,
-    settings: ChatSettings | None = None,
-    cache_dir: str | None = None,
+    loaded: LoadedModel,
+    settings: ChatSettings,
     input_fn: Callable[[str], str] = input,
     out: TextIO = sys.stdout,
     shade: bool | None = None,
 ) -> int:
     """Interactive loop until /quit or EOF; returns the exit code."""
-    settings = settings or ChatSettings()
-    loaded = load_engine(checkpoint, cache_dir)
     engine, tokenizer, cfg = loaded.engine, loaded.tokenizer, loaded.config
     shade = out.isatty() if shade is None else shade
-    r_scale = max(cfg.train_recur_max, settings.num_recur or 1)
     messages: list[dict[str, str]] = []
     out.write(
         f"loaded {loaded.path} ({sum(p.numel() for p in engine.model.parameters()) / 1e6:.1f}M params, "
-        f"context {cfg.sequence_len}); /r N, /exit X|off, /reset, /quit\n"
+        f"context {cfg.sequence_len}); decode {settings.decode.label}; {_HELP}\n"
     )
     while True:
         try:
@@ -75,20 +72,14 @@ def run_chat(
             continue
         out.write("bot> ")
         decoder, pieces, recurs, t0 = TokenDecoder(tokenizer), [], [], time.perf_counter()
-        exit_kw = (
-            dict(exit_criterion=settings.exit_criterion, exit_threshold=settings.exit_threshold)
-            if settings.exit_threshold
-            else dict(exit_criterion="none")
-        )
+        r_scale = max(cfg.recurrence.r_max, settings.decode.num_recur)
         for step in engine.generate(
             [ids],
             max_tokens=settings.max_tokens,
             temperature=settings.temperature,
             top_k=settings.top_k,
             seed=int(t0 * 1000) % (2**31),
-            num_recur=settings.num_recur,
-            kv_cache=settings.kv_cache,
-            **exit_kw,
+            decode=settings.decode,
         ):
             ts = step[0]
             if ts is None or ts.token in engine.stop_ids:
@@ -122,15 +113,24 @@ def _command(line: str, settings: ChatSettings, messages: list[dict[str, str]], 
             messages.clear()
             out.write("(conversation cleared)\n")
         elif cmd == "/r":
-            settings.num_recur = int(arg)
-            if settings.num_recur < 1:
-                raise ValueError("r must be >= 1")
-            out.write(f"(r = {settings.num_recur})\n")
+            settings.decode = settings.decode.replace(num_recur=int(arg))
+            out.write(f"(decode {settings.decode.label})\n")
         elif cmd == "/exit":
-            settings.exit_threshold = None if arg in ("", "off") else float(arg)
-            out.write(f"(exit threshold = {settings.exit_threshold})\n")
+            settings.decode = settings.decode.replace(exit=_exit_rule(arg, settings.decode.exit))
+            out.write(f"(decode {settings.decode.label})\n")
         else:
-            out.write("(commands: /r N, /exit X|off, /reset, /quit)\n")
+            out.write(f"(commands: {_HELP})\n")
     except ValueError as exc:
         out.write(f"({cmd}: {exc})\n")
     return False
+
+
+def _exit_rule(arg: str, current: ExitRule | None) -> ExitRule | None:
+    """'/exit off' -> None; '/exit kl:5e-4' -> that rule; '/exit 1e-3' -> the current criterion at that threshold."""
+    if arg in ("", "off"):
+        return None
+    if ":" in arg:
+        return ExitRule.parse(arg)
+    criterion = current.criterion if current is not None else next(iter(EXIT_CRITERIA))
+    min_recur = current.min_recur if current is not None else 1
+    return ExitRule(criterion=criterion, threshold=float(arg), min_recur=min_recur)

@@ -22,7 +22,8 @@ from typing import Any
 
 import yaml
 
-from recursive_model.checkpoint import CheckpointError
+from checkpoints import CheckpointError
+from recursive_model.recurrence import EXIT_CRITERIA, DecodeSettings, ExitRule, exit_help
 
 from .config import ServeConfig, load_config
 
@@ -230,20 +231,31 @@ def _cmd_shutdown(args: argparse.Namespace) -> int:
     return 0
 
 
+# `rnc chat` flags that change the checkpoint's DecodeSettings; absent flags keep its value (argparse.SUPPRESS).
+_DECODE_FLAGS = ("num_recur", "kv_cache", "exit", "warm_start")
+
+
+def _exit_flag(spec: str) -> ExitRule | None:
+    try:
+        return None if spec == "off" else ExitRule.parse(spec)
+    except ValueError as exc:  # argparse shows an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def chat_decode(checkpoint_default: DecodeSettings, args: argparse.Namespace) -> DecodeSettings:
+    """The checkpoint's DecodeSettings with the given `rnc chat` flags applied (ValueError names a bad one)."""
+    return checkpoint_default.replace(**{f: getattr(args, f) for f in _DECODE_FLAGS if hasattr(args, f)})
+
+
 @_one_line_errors
 def _cmd_chat(args: argparse.Namespace) -> int:
     from .chat import ChatSettings, run_chat
+    from .loading import load_engine
 
-    settings = ChatSettings(
-        num_recur=args.recur,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        kv_cache=args.kv_cache,
-        exit_criterion=args.exit_criterion,
-        exit_threshold=args.exit_threshold,
-    )
-    return run_chat(args.checkpoint, settings, cache_dir=args.cache_dir, shade=False if args.no_shade else None)
+    loaded = load_engine(args.checkpoint, args.cache_dir)
+    decode = chat_decode(loaded.config.decode, args)
+    settings = ChatSettings(decode=decode, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k)
+    return run_chat(loaded, settings, shade=False if args.no_shade else None)
 
 
 def add_serve_subcommands(subparsers: argparse._SubParsersAction) -> None:
@@ -282,13 +294,20 @@ def add_serve_subcommands(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("chat", help="terminal chat with a checkpoint (Engine directly, no server)")
     p.add_argument("--checkpoint", required=True, help="checkpoint URI (s3://... or a local directory)")
-    p.add_argument("--recur", type=int, default=None, help="recurrences per token (default: checkpoint eval_recur)")
+    keep = argparse.SUPPRESS  # an absent decode flag keeps the checkpoint's own value
+    p.add_argument("--recur", dest="num_recur", type=int, default=keep, help="recurrences per token")
+    p.add_argument("--kv-cache", default=keep, help="exact | final | ring:K")
+    p.add_argument(
+        "--exit",
+        type=_exit_flag,
+        default=keep,
+        metavar="CRITERION:THRESHOLD[:MIN_R]|off",
+        help=f"adaptive exit, e.g. {next(iter(EXIT_CRITERIA))}:1e-3 ({exit_help()})",
+    )
+    p.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=keep, help="warm-start tokens")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--kv-cache", default=None, help="exact | final | ring:K (default: the checkpoint's)")
-    p.add_argument("--exit-threshold", type=float, default=None, help="adaptive exit threshold (default: off)")
-    p.add_argument("--exit-criterion", choices=("kl", "latent"), default="latent")
     p.add_argument("--cache-dir", default=None, help="where S3 checkpoints are cached")
     p.add_argument("--no-shade", action="store_true", help="no colour shading of tokens by recurrences")
     p.set_defaults(func=_cmd_chat)

@@ -1,28 +1,28 @@
 """Serving configuration: the compute tiers and the HTTP edge, validated with pydantic (YAML and `serve deploy` args).
 
 A tier is one Serve deployment of the same weights at its own range of recurrences per token (`r_min`..`r_max`), KV
-cache strategy, resources and autoscaling. Tiers, their r ranges and scaling are configuration, not code: the YAML
-file given to `rnc serve deploy --config` (or the `args:` of a Serve config file) is exactly `ServeConfig`.
+cache strategy, default exit rule, engine sizes (rows per step, waiting queue, KV pool in tokens), resources and
+autoscaling. Tiers, their r ranges and scaling are configuration, not code: the YAML file given to
+`rnc serve deploy --config` (or the `args:` of a Serve config file) is exactly `ServeConfig`.
 
     checkpoint: s3://bucket/run/sft/final        # or a local directory
     default_tier: low
     tiers:
-      - {name: low, r_min: 1, r_max: 2, kv_cache: final, num_cpus: 0.5,
+      - {name: low, r_min: 1, r_max: 2, kv_cache: final, num_cpus: 0.5, max_running: 32, kv_tokens: 16384,
          autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}}
-      - {name: high, r_min: 3, r_max: 8, kv_cache: exact, num_cpus: 1}
+      - {name: high, r_min: 3, r_max: 8, kv_cache: exact, exit: "kl:5e-4", num_cpus: 1}
 """
 
 from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from recursive_model.config import parse_kv_cache
+from recursive_model.recurrence import EXIT_CRITERIA, DecodeSettings, ExitRule, parse_kv_cache
+from recursive_model.yaml_config import format_validation_error, read_yaml_mapping
 
 DEFAULT_AUTH_TOKEN_ENV = "RNC_SERVE_TOKEN"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -56,33 +56,72 @@ class AutoscalingSpec(_Strict):
         return self
 
 
+# Tier keys of earlier serve configs and what replaced them (a clear error beats "extra inputs are not permitted").
+_REPLACED_KEYS = {
+    "exit_criterion": "exit (e.g. exit: 'kl:0.0005')",
+    "exit_threshold": "exit (e.g. exit: 'latent:0.001')",
+    "exit_min_recur": "exit ('criterion:threshold:min_recur')",
+    "max_batch_size": "max_running",
+    "batch_wait_timeout_s": "nothing: continuous batching admits requests at every step",
+    "batch_wait_fraction": "nothing: continuous batching admits requests at every step",
+}
+
+
 class TierConfig(_Strict):
-    """One compute tier: a Serve deployment serving requests whose recurrence budget lies in [r_min, r_max]."""
+    """One compute tier: a Serve deployment serving requests whose recurrence budget lies in [r_min, r_max].
+
+    Each replica runs one continuous-batching engine: every request routed to the tier shares its steps, whatever
+    its r, exit rule or sampling settings.
+    """
 
     name: str = Field(description="tier name used in requests and metrics, e.g. 'low'")
     r_min: int = Field(1, ge=1, description="smallest recurrences-per-token budget this tier accepts")
     r_max: int = Field(ge=1, description="largest budget this tier accepts; also its cost for routing")
     default_recur: int | None = Field(None, ge=1, description="r used when a request names only the tier (r_max)")
-    kv_cache: str = Field("exact", description="KV cache strategy: exact | final | ring:K")
-    exit_criterion: Literal["kl", "latent"] = Field("latent", description="adaptive exit test, when a threshold is set")
-    exit_threshold: float | None = Field(None, gt=0, description="default adaptive-exit threshold (None = full r)")
-    exit_min_recur: int = Field(1, ge=1, description="adaptive exit never stops before this many recurrences")
+    kv_cache: str = Field("exact", description="KV cache strategy of the replica's pool: exact | final | ring:K")
+    exit: ExitRule | None = Field(
+        None,
+        description="default adaptive exit, 'criterion:threshold[:min_recur]' (criteria: "
+        + ", ".join(EXIT_CRITERIA)
+        + "); a request's exit_threshold overrides it; none = every token runs r",
+    )
+    warm_start: bool = Field(False, description="a generated token starts from the previous token's final state")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica (fractions allowed)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per replica; >1 oversubscribes small CPUs")
-    max_ongoing_requests: int = Field(32, ge=1, description="requests a replica accepts at once (queue + batch)")
-    max_batch_size: int = Field(16, ge=1, description="requests decoded together in one Engine.generate call")
-    batch_wait_timeout_s: float = Field(
-        0.05, ge=0, description="longest wait for a batch to fill up to the recent demand before it starts"
+    max_running: int = Field(16, ge=1, description="sequences decoded together in each engine step (at most)")
+    max_waiting: int = Field(
+        16, ge=1, description="requests a replica queues for admission; one more is refused at once (503)"
     )
-    batch_wait_fraction: float = Field(
-        0.25, ge=0, le=1, description="...or up to this fraction of the previous batch's decode time, if longer"
+    kv_tokens: int | None = Field(
+        None, ge=1, description="KV pool size in tokens, shared by all sequences (default max_running x context)"
     )
+    kv_block_size: int = Field(16, ge=1, description="tokens per KV pool block (the allocation unit)")
+    prefill_chunk: int = Field(128, ge=1, description="prompt tokens per prefill forward")
+    prefill_tokens_per_step: int = Field(
+        512, ge=1, description="prompt tokens prefilled per engine step at most: running rows never stall long"
+    )
+    max_ongoing_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Serve's cap on requests per replica; must exceed max_running + max_waiting so that a full "
+        "replica answers 503 instead of Serve queueing silently (default 2 x (max_running + max_waiting))",
+    )
+    retry_after_s: int = Field(1, ge=1, description="Retry-After (seconds) of the 503 a full replica answers")
     stream_interval_s: float = Field(
         0.05, ge=0, description="streaming: tokens are sent at most this often after the first (merged in between)"
     )
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     description: str = Field("", description="free text shown in /v1/models and the chat page")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            old = [k for k in data if k in _REPLACED_KEYS]
+            if old:
+                raise ValueError("; ".join(f"{k} is replaced by {_REPLACED_KEYS[k]}" for k in old))
+        return data
 
     @field_validator("name")
     @classmethod
@@ -97,6 +136,16 @@ class TierConfig(_Strict):
         parse_kv_cache(v)  # raises ValueError naming the allowed strategies
         return v
 
+    @field_validator("exit", mode="before")
+    @classmethod
+    def _parse_exit(cls, v: Any) -> Any:
+        # YAML gives 'kl:5e-4' or {criterion, threshold, min_recur} (what model_dump writes back); both are ExitRules.
+        if isinstance(v, str):
+            return None if v.strip().lower() in ("", "none", "off") else ExitRule.parse(v)
+        if isinstance(v, dict):
+            return ExitRule(**v)
+        return v
+
     @model_validator(mode="after")
     def _check_ranges(self) -> TierConfig:
         if self.r_max < self.r_min:
@@ -106,13 +155,19 @@ class TierConfig(_Strict):
                 f"tier {self.name!r}: default_recur={self.default_recur} must be in [r_min, r_max] = "
                 f"[{self.r_min}, {self.r_max}]"
             )
-        if self.exit_min_recur > self.r_max:
-            raise ValueError(f"tier {self.name!r}: exit_min_recur={self.exit_min_recur} exceeds r_max={self.r_max}")
-        if self.autoscaling.target_ongoing_requests > self.max_ongoing_requests:
+        if self.exit is not None and self.exit.min_recur > self.r_max:
+            raise ValueError(f"tier {self.name!r}: exit.min_recur={self.exit.min_recur} exceeds r_max={self.r_max}")
+        capacity = self.max_running + self.max_waiting
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests <= capacity:
+            raise ValueError(
+                f"tier {self.name!r}: max_ongoing_requests={self.max_ongoing_requests} must be > max_running + "
+                f"max_waiting = {capacity}, else Serve queues what the replica should refuse with 503"
+            )
+        if self.autoscaling.target_ongoing_requests > self.ongoing_limit:
             # A replica never holds more than max_ongoing_requests, so the target would never be reached.
             raise ValueError(
                 f"tier {self.name!r}: autoscaling.target_ongoing_requests={self.autoscaling.target_ongoing_requests}"
-                f" must be <= max_ongoing_requests={self.max_ongoing_requests}"
+                f" must be <= max_ongoing_requests={self.ongoing_limit}"
             )
         return self
 
@@ -120,6 +175,30 @@ class TierConfig(_Strict):
     def recur(self) -> int:
         """r used when a request names this tier without its own max_recur."""
         return self.default_recur if self.default_recur is not None else self.r_max
+
+    @property
+    def ongoing_limit(self) -> int:
+        """Serve's max_ongoing_requests for a replica of this tier."""
+        if self.max_ongoing_requests is not None:
+            return self.max_ongoing_requests
+        return 2 * (self.max_running + self.max_waiting)
+
+    def decode(self, num_recur: int, exit: ExitRule | None) -> DecodeSettings:
+        """The DecodeSettings of a request this tier runs at r = `num_recur` with `exit`."""
+        return DecodeSettings(num_recur=num_recur, kv_cache=self.kv_cache, exit=exit, warm_start=self.warm_start)
+
+    def engine_options(self, sequence_len: int) -> dict[str, Any]:
+        """Keyword arguments of the replica's `ContinuousEngine` (the model's context sizes the default pool)."""
+        return {
+            "kv_cache": self.kv_cache,
+            "max_recur": self.r_max,
+            "kv_tokens": self.kv_tokens or self.max_running * sequence_len,
+            "block_size": self.kv_block_size,
+            "max_running": self.max_running,
+            "max_waiting": self.max_waiting,
+            "prefill_chunk": self.prefill_chunk,
+            "prefill_tokens_per_step": self.prefill_tokens_per_step,
+        }
 
     def serve_options(self, env: dict[str, str]) -> dict[str, Any]:
         """Keyword arguments for `Deployment.options(...)` of this tier."""
@@ -130,7 +209,7 @@ class TierConfig(_Strict):
             actor["runtime_env"] = {"env_vars": dict(env)}
         return {
             "name": f"tier-{self.name}",
-            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_ongoing_requests": self.ongoing_limit,
             "autoscaling_config": self.autoscaling.model_dump(exclude_none=True),
             "ray_actor_options": actor,
         }
@@ -232,38 +311,10 @@ def default_tiers() -> list[TierConfig]:
     ]
 
 
-def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """One line per error, each naming the field path, e.g. `tiers[1].r_max: Input should be ...`."""
-    lines = []
-    for err in exc.errors():
-        path = prefix + _loc_to_path(err.get("loc", ()))
-        lines.append(f"{path or '<root>'}: {err.get('msg', '')}")
-    return "; ".join(lines)
-
-
-def _loc_to_path(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
 def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> ServeConfig:
     """ServeConfig from a YAML file (or the default tiers when `path` is None), with top-level overrides applied
     (e.g. `checkpoint=` from the command line). Raises ValueError naming the bad field."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text()
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"{path}: the top level must be a mapping of ServeConfig fields")
-        data = dict(loaded or {})
+    data = read_yaml_mapping(path, "serve config") if path is not None else {}  # the loader pipelines use too
     data.update({k: v for k, v in overrides.items() if v is not None})
     if "tiers" not in data:
         data["tiers"] = [t.model_dump() for t in default_tiers()]

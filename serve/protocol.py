@@ -1,8 +1,8 @@
 """The OpenAI-compatible wire format: request parsing (errors name the field) and response / SSE chunk builders.
 
 Extensions, all optional and ignored by OpenAI clients:
-  request:  `tier`, `max_recur` (max recurrences per token), `exit_threshold`, `exit_criterion`, `top_k`
-            (the `openai` client sends them with `extra_body={...}`)
+  request:  `tier`, `max_recur` (max recurrences per token), `exit_threshold`, `exit_criterion` (a name in
+            EXIT_CRITERIA), `top_k` (the `openai` client sends them with `extra_body={...}`); `seed` is OpenAI's
   response: `tier`, and `recurrence` = {"budget": r, "mean": mean r per generated token, "per_token": [...]}
   chunks:   `tier`, `recurrence.per_token` and `token_text` (the text of each token in the chunk), so a client can
             show what each token cost; the last chunk carries `usage` and `recurrence.mean`.
@@ -17,7 +17,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .config import _loc_to_path
+from recursive_model.recurrence import EXIT_CRITERIA
+from recursive_model.yaml_config import loc_to_path
+
 from .router import Budget, RequestError
 
 
@@ -54,7 +56,15 @@ class ChatCompletionRequest(BaseModel):
     tier: str | None = None
     max_recur: int | None = Field(None, ge=1)
     exit_threshold: float | None = Field(None, gt=0)
-    exit_criterion: Literal["kl", "latent"] | None = None
+    exit_criterion: str | None = Field(None, description="one of recursive_model.recurrence.EXIT_CRITERIA")
+    seed: int | None = Field(None, ge=0, lt=2**63)  # same seed, same sampled tokens, whatever else the replica runs
+
+    @field_validator("exit_criterion")
+    @classmethod
+    def _check_criterion(cls, v: str | None) -> str | None:
+        if v is not None and v not in EXIT_CRITERIA:
+            raise ValueError(f"exit_criterion={v!r} is not a criterion; allowed {sorted(EXIT_CRITERIA)}")
+        return v
 
     @field_validator("messages")
     @classmethod
@@ -90,7 +100,7 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(p for p in err.get("loc", ()) if not (isinstance(p, str) and p in _UNION_TAGS))
-        param = _loc_to_path(loc) or "body"
+        param = loc_to_path(loc) or "body"
         raise RequestError(param, f"{param}: {err.get('msg', 'invalid value')}") from None
 
 

@@ -1,15 +1,19 @@
-"""Budget routing: a request's compute budget -> the cheapest tier that satisfies it, and the r to run at.
+"""Budget routing: a request's compute budget -> the cheapest tier that satisfies it, and how it is decoded there.
 
 A budget is a named tier, or a maximum number of recurrences per token (`max_recur`), plus an optional adaptive-exit
-threshold. A tier satisfies `max_recur = b` when b lies in its [r_min, r_max]; among those the cheapest (smallest
-r_max, then config order) wins, and the request runs at r = b. So a shallow request never waits behind deep ones, and
-a deep request never runs shallower than asked. Pure Python: the ingress calls it, tests call it without Ray.
+rule (`exit_threshold`, `exit_criterion`). A tier satisfies `max_recur = b` when b lies in its [r_min, r_max]; among
+those the cheapest (smallest r_max, then config order) wins, and the request runs at r = b. So a shallow request never
+waits behind deep ones, and a deep request never runs shallower than asked. The result is a `Route`: the tier and one
+`DecodeSettings`, which travels unchanged to the replica's engine. Pure Python: the ingress calls it, tests call it
+without Ray.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from recursive_model.recurrence import EXIT_CRITERIA, DecodeSettings, ExitRule
 
 from .config import TierConfig
 
@@ -17,37 +21,45 @@ from .config import TierConfig
 class RequestError(ValueError):
     """A bad request: HTTP `status` with a message naming the offending request field (`param`)."""
 
-    def __init__(self, param: str | None, message: str, status: int = 400, code: str = "invalid_request_error"):
+    def __init__(
+        self,
+        param: str | None,
+        message: str,
+        status: int = 400,
+        code: str = "invalid_request_error",
+        retry_after_s: int | None = None,
+    ):
         super().__init__(message)
         self.param = param
         self.message = message
         self.status = status
         self.code = code
+        self.retry_after_s = retry_after_s  # set on 503/429: the client may retry after this many seconds
 
     def __reduce__(self):  # crosses Ray process boundaries intact (the default would drop param/status)
-        return (RequestError, (self.param, self.message, self.status, self.code))
+        return (RequestError, (self.param, self.message, self.status, self.code, self.retry_after_s))
 
 
 @dataclass(frozen=True)
 class Budget:
-    """What a request is willing to spend. Empty = the default tier."""
+    """What a request is willing to spend. Empty = the default tier at its default r and exit rule."""
 
     tier: str | None = None
     max_recur: int | None = None  # recurrences per token
     exit_threshold: float | None = None  # adaptive exit: stop recurring once the criterion falls below this
-    exit_criterion: str | None = None  # "kl" | "latent"; default: the tier's
+    exit_criterion: str | None = None  # a name in EXIT_CRITERIA; default: the tier's rule's, else the first one
 
 
 @dataclass(frozen=True)
 class Route:
-    """Where a request goes and how it is generated there."""
+    """Where a request goes and how it is decoded there."""
 
     tier: str
-    num_recur: int  # r per token (the ceiling when adaptive exit is on)
-    kv_cache: str
-    exit_criterion: str  # "none" = every token runs all num_recur recurrences
-    exit_threshold: float | None
-    min_recur: int | None
+    decode: DecodeSettings  # r (the ceiling when an exit rule is set), the tier's KV strategy, the exit rule
+
+    @property
+    def num_recur(self) -> int:
+        return self.decode.num_recur
 
 
 class BudgetRouter:
@@ -98,18 +110,27 @@ class BudgetRouter:
             tier = self.by_name[self.default_tier]
             r = tier.recur
 
-        threshold = budget.exit_threshold if budget.exit_threshold is not None else tier.exit_threshold
-        if threshold is not None and threshold <= 0:
-            raise RequestError("exit_threshold", f"exit_threshold={threshold} must be > 0")
-        if budget.exit_criterion is not None and budget.exit_criterion not in ("kl", "latent"):
-            raise RequestError("exit_criterion", f"exit_criterion={budget.exit_criterion!r}; allowed 'kl', 'latent'")
-        adaptive = threshold is not None
-        return Route(
-            tier=tier.name,
-            num_recur=r,
-            kv_cache=tier.kv_cache,
-            # "none", not None: None would fall back to the checkpoint's own default criterion.
-            exit_criterion=(budget.exit_criterion or tier.exit_criterion) if adaptive else "none",
-            exit_threshold=threshold if adaptive else None,
-            min_recur=min(tier.exit_min_recur, r) if adaptive else None,
-        )
+        return Route(tier=tier.name, decode=tier.decode(r, self._exit_rule(budget, tier, r)))
+
+    @staticmethod
+    def _exit_rule(budget: Budget, tier: TierConfig, r: int) -> ExitRule | None:
+        """The request's exit rule: its own threshold (and criterion), else the tier's default rule."""
+        criterion = budget.exit_criterion
+        if criterion is not None and criterion not in EXIT_CRITERIA:
+            raise RequestError("exit_criterion", f"exit_criterion={criterion!r}; allowed {sorted(EXIT_CRITERIA)}")
+        default = tier.exit
+        if budget.exit_threshold is None:
+            if criterion is None or (default is not None and default.criterion == criterion):
+                return default if default is None or default.min_recur <= r else replace(default, min_recur=r)
+            # A threshold means different things for different criteria: the tier's cannot be reused for another.
+            raise RequestError(
+                "exit_threshold",
+                f"exit_criterion={criterion!r} needs an exit_threshold: tier {tier.name!r} has no default rule for it "
+                f"(its default: {default or 'none'})",
+            )
+        if budget.exit_threshold <= 0:
+            raise RequestError("exit_threshold", f"exit_threshold={budget.exit_threshold} must be > 0")
+        if criterion is None:
+            criterion = default.criterion if default is not None else next(iter(EXIT_CRITERIA))
+        min_recur = min(default.min_recur if default is not None else 1, r)
+        return ExitRule(criterion=criterion, threshold=budget.exit_threshold, min_recur=min_recur)

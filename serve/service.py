@@ -1,17 +1,23 @@
 """What the ingress does per request, without Ray: body -> validated plan (tier + generation request) -> responses.
 
-`ChatPlanner.plan` turns raw request bytes into the tier to call and the `GenerationRequest` to send it, or raises
-RequestError naming the bad field. `StreamFormatter` turns the tier's events into OpenAI SSE chunks. The Serve
-ingress (`serve.app.Ingress`) only adds HTTP, auth and the calls to the tier deployments.
+`ChatPlanner.plan` turns raw request bytes into the tier to call and the `GenerationRequest` to send it (prompt,
+SamplingParams, and the route's DecodeSettings unchanged), or raises RequestError naming the bad field.
+`StreamFormatter` turns the tier's events into OpenAI SSE chunks; `error_response` turns a RequestError into the
+HTTP error (with Retry-After when the tier is full). The Serve ingress (`serve.app.Ingress`) only adds HTTP, auth and
+the calls to the tier deployments.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from recursive_model.batching import SamplingParams
+from recursive_model.recurrence import EXIT_CRITERIA
+
 from .config import ServeConfig
-from .engine_adapter import Completion, GenerationRequest, StreamChunk
+from .generation import Completion, GenerationRequest, StreamChunk
 from .protocol import ChatCompletionRequest, chunk, completion_response, new_completion_id, parse_chat_request, sse
 from .protocol import error_body as _error_body
 from .protocol import usage as _usage
@@ -63,17 +69,10 @@ class ChatPlanner:
                 f"{self.sequence_len - 1} prompt tokens",
                 code="context_length_exceeded",
             )
-        generation = GenerationRequest(
-            prompt=tuple(ids),
-            max_tokens=max_tokens,
-            num_recur=route.num_recur,
-            temperature=req.temperature,
-            top_k=req.top_k,
-            kv_cache=route.kv_cache,
-            exit_criterion=route.exit_criterion,
-            exit_threshold=route.exit_threshold,
-            min_recur=route.min_recur,
-        )
+        # Without a seed each request draws its own: batch mates never share a random stream.
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, seed=seed)
+        generation = GenerationRequest(prompt=tuple(ids), sampling=sampling, decode=route.decode)
         return Plan(req, route, generation, new_completion_id())
 
     def models(self) -> dict[str, Any]:
@@ -85,7 +84,7 @@ class ChatPlanner:
                 "r_max": t.r_max,
                 "default_recur": t.recur,
                 "kv_cache": t.kv_cache,
-                "exit_criterion": t.exit_criterion,
+                "exit": str(t.exit) if t.exit is not None else None,
                 "description": t.description,
             }
             for t in self.router.tiers
@@ -101,6 +100,7 @@ class ChatPlanner:
                     "context_length": self.sequence_len,
                     "max_tokens_limit": self.config.max_tokens_limit,
                     "default_tier": self.router.default_tier,
+                    "exit_criteria": {name: c.description for name, c in EXIT_CRITERIA.items()},
                     "tiers": tiers,
                 }
             ],
@@ -157,3 +157,9 @@ class StreamFormatter:
         """An error event after the response has started (the `openai` client raises APIError on it)."""
         code = "service_unavailable" if status == 503 else "internal_error"
         return sse(_error_body(message, param, code=code, err_type="server_error"))
+
+
+def error_response(exc: RequestError) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """(body, status, headers) of the HTTP answer to a RequestError: a full tier says when to retry."""
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else {}
+    return _error_body(exc.message, exc.param, exc.code), exc.status, headers

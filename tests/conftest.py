@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.storage import Storage, StorageConfig
+from checkpoints import Storage, StorageConfig
 
 # ----------------------------------------------------------------------------------------------------- storage
 
@@ -88,11 +88,22 @@ def local_storage(tmp_path: Path) -> Storage:
     return Storage(StorageConfig(uri=str(tmp_path / "storage"), retries=3, backoff_s=0.01))
 
 
+@pytest.fixture(params=["local", "s3"])
+def storage(request: pytest.FixtureRequest) -> Storage:
+    """The same test on a local folder and on S3."""
+    return request.getfixturevalue(f"{request.param}_storage")
+
+
 # --------------------------------------------------------------------------------------------------------- Ray
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server: str, tmp_path_factory: pytest.TempPathFactory):
-    """One local Ray cluster for the whole session, started after the fake AWS credentials are in the environment
-    (workers inherit them). 4 logical CPUs on 2 cores: fractional actors never deadlock waiting for each other."""
+    """The one local Ray cluster of the session: pipeline, Tune and Serve tests all use it (`ray_cluster` argument).
+
+    Started after the fake AWS credentials are in the environment, so workers and replicas inherit them. 4 logical
+    CPUs on 2 cores: two 1-CPU Train workers next to any other actor would otherwise wait on each other forever;
+    Serve replicas and Tune trials ask for fractional CPUs. Session scope because ray.init costs ~7 s, and Serve
+    tests shut down their own applications (serve.shutdown) rather than the cluster.
+    """
     import ray
 
     with pytest.MonkeyPatch.context() as mp:
@@ -103,7 +114,9 @@ def ray_cluster(s3_server: str, tmp_path_factory: pytest.TempPathFactory):
         if ray.is_initialized():
             yield ray
             return
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+        # Worker logs reach the driver so that pytest shows a failing worker's traceback; Ray's own driver-side
+        # messages only from WARNING up.
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
         try:
             yield ray
         finally:

@@ -1,5 +1,5 @@
 """Fixtures and helpers of the serve tests: a tiny checkpoint (random weights + a tokenizer trained in milliseconds),
-a Ray cluster reused when one is already up, and one live Serve application per test module.
+and one live Serve application per test module on the session's Ray cluster (`ray_cluster` in conftest.py).
 
 Import the fixtures into a test module (`from tests.serve_fixtures import serve_app_fixture, ...`); they register
 under their `name=` (`serve_app`, ...), so test arguments do not shadow the imports.
@@ -17,12 +17,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 
-from recursive_model.checkpoint import save_checkpoint
+from checkpoints import save_checkpoint
 from recursive_model.config import GPTConfig
 from recursive_model.corpus import shipped_corpus_paths
 from recursive_model.model import GPT
@@ -63,7 +64,8 @@ def free_port() -> int:
 
 
 def serve_test_config(checkpoint: str, cache_dir: str, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Three tiers with fractional CPUs and fast autoscaling: low (fixed 1), medium (1-2, scales), high (2)."""
+    """Three tiers with fractional CPUs and fast autoscaling: low (fixed 1), medium (1-2, scales), high (2). Waiting
+    queues hold a burst of 200 requests, so no test but the one about full queues meets a 503."""
     fast = {"upscale_delay_s": 1.0, "downscale_delay_s": 3.0, "look_back_period_s": 1.0}
     env = {
         # Push autoscaling metrics every 0.5 s instead of 10 s, so the tests see scaling within seconds.
@@ -89,7 +91,7 @@ def serve_test_config(checkpoint: str, cache_dir: str, extra_env: dict[str, str]
                 "r_max": 2,
                 "kv_cache": "final",
                 "num_cpus": 0.1,
-                "max_ongoing_requests": 64,
+                "max_waiting": 64,
                 "autoscaling": {"min_replicas": 1, "max_replicas": 1, **fast},
             },
             {
@@ -98,8 +100,8 @@ def serve_test_config(checkpoint: str, cache_dir: str, extra_env: dict[str, str]
                 "r_max": 4,
                 "kv_cache": "ring:2",
                 "num_cpus": 0.1,
-                "max_ongoing_requests": 8,
-                "max_batch_size": 4,
+                "max_running": 4,
+                "max_waiting": 48,
                 "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, **fast},
             },
             {
@@ -109,7 +111,7 @@ def serve_test_config(checkpoint: str, cache_dir: str, extra_env: dict[str, str]
                 "default_recur": 6,
                 "kv_cache": "exact",
                 "num_cpus": 0.1,
-                "max_ongoing_requests": 64,
+                "max_waiting": 64,
                 "autoscaling": {"min_replicas": 2, "max_replicas": 2, **fast},
             },
         ],
@@ -133,26 +135,12 @@ class LiveApp:
         return self.config["model_name"]
 
 
-@pytest.fixture(scope="module", name="ray_cluster")
-def ray_cluster_fixture() -> Iterator[None]:
-    """Ray for the module: reuses a running one (e.g. a session fixture), else starts one and stops it after."""
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-        started = True
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.fixture(scope="module", name="tiny_checkpoint_uri")
 def tiny_checkpoint_uri_fixture(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """URI of a tiny checkpoint in a fresh bucket on the loopback S3 server (endpoint in the URI)."""
     import boto3
 
-    from pipelines.storage import Storage, StorageConfig
+    from checkpoints import Storage, StorageConfig
 
     local = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-ckpt"))
     bucket = f"serve-{uuid.uuid4().hex[:12]}"
@@ -165,7 +153,7 @@ def tiny_checkpoint_uri_fixture(s3_server: str, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture(scope="module", name="serve_app")
 def serve_app_fixture(
-    ray_cluster: None, tiny_checkpoint_uri: str, tmp_path_factory: pytest.TempPathFactory
+    ray_cluster: ModuleType, tiny_checkpoint_uri: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveApp]:
     """The application deployed once per module from the S3 checkpoint, with bearer auth on."""
     from ray import serve

@@ -1,11 +1,12 @@
 """Benchmark scripts: each runs with --quick in a subprocess and prints one JSON object.
 
-Only structure and non-time facts are asserted (graph counts, memory ratios, token equality); times never are. The four
+Only structure and non-time facts are asserted (graph counts, memory ratios, token equality); times never are. The
 scripts start together so the file stays well under a minute on two cores.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_RUNS = {
@@ -20,7 +22,37 @@ QUICK_RUNS = {
     "decode": [],
     "compile_graphs": ["--backend", "aot_eager"],
     "bptt_memory": [],
+    "gpu": [],
+    "continuous_batching": [],
 }
+# Scripts that promise to run where only torch, tiktoken, safetensors and numpy are installed (a lent GPU box): their
+# quick run starts with these imports blocked, so importing any of them, at load time or later, fails the run.
+TORCH_ONLY = {"gpu"}
+BLOCKED_IMPORTS = (
+    "ray",
+    "boto3",
+    "botocore",
+    "pyarrow",
+    "pydantic",
+    "wandb",
+    "rustbpe",
+    "datasets",
+    "fastapi",
+    "pipelines",
+    "serve",
+)
+BLOCK_THEN_RUN = (
+    "import runpy, sys\n"
+    f"for name in {BLOCKED_IMPORTS!r}:\n"
+    "    sys.modules[name] = None  # `import name` now raises ImportError\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+
+
+def quick_command(name: str, extra: list[str]) -> list[str]:
+    script = [str(ROOT / "benchmarks" / f"{name}.py"), "--quick", *extra]
+    return [sys.executable, "-c", BLOCK_THEN_RUN, *script] if name in TORCH_ONLY else [sys.executable, *script]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +65,7 @@ def outputs() -> dict[str, dict]:
     }
     procs = {
         name: subprocess.Popen(
-            [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick", *extra],
+            quick_command(name, extra),
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -108,3 +140,90 @@ def test_bptt_memory_is_flat_in_r_with_truncation(outputs):
     assert out["ratio_r16_vs_r4_full_backprop"] > 2  # contrast: full backprop stores every recurrence
     k4 = out["results"]["bptt_k4"]
     assert k4["r4"]["saved_bytes"] > k4["r4"]["saved_bytes_recurrence"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------- gpu.py
+def test_import_blocker_really_blocks():
+    """The torch-only promise below is only as good as the blocker: `import ray` must fail under it."""
+    blocked_import = BLOCK_THEN_RUN.split("sys.argv")[0] + "import ray\n"
+    proc = subprocess.run([sys.executable, "-c", blocked_import], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "import of ray halted" in proc.stderr
+
+
+def test_gpu_quick_runs_torch_only_and_reports_every_figure(outputs):
+    out = outputs["gpu"]  # the run itself had ray, boto3, pyarrow, pydantic, wandb, pipelines, ... blocked
+    assert out["figures_claimed"] is False and out["goal_met"] is None and out["device"] == "cpu"
+    variants = out["training"]["variants"]
+    assert set(variants) == {"d20_recursive_r4", "d20_recursive_rpoi", "d20"}
+    for v in variants.values():
+        assert v["tokens_per_s"] > 0 and v["loss_finite"] and 0 < v["mfu"] < 1
+        assert v["batch_tried_eager"] == v["batch_tried_compiled"] == [v["batch"]] == [out["sizes"]["start_batch"]]
+        assert v["flops_per_token"] > 0 and v["peak_memory_bytes"] is None  # CUDA-only figure
+        assert v["optimizer"] == "muon + adamw" and v["autocast"] == "bfloat16" and v["dynamo"]["graph_breaks"] == 0
+    r4, rpoi, d20 = variants["d20_recursive_r4"], variants["d20_recursive_rpoi"], variants["d20"]
+    r_max = out["training"]["recurrence"]["r_max"]
+    assert r4["r_timed_steps"] == [4] * r4["timed_steps"] and d20["r_timed_steps"] is None
+    assert all(1 <= r <= r_max for r in rpoi["r_timed_steps"])
+    assert r4["params"] == rpoi["params"] < d20["params"]  # one model for both schedules; 8 distinct layers vs 20
+    assert "compile_recurrence" in r4["compile"] and "compile_recurrence" not in d20["compile"]
+    assert 1.0 <= r4["flops_per_token"] / d20["flops_per_token"] < 1.2  # same effective depth, plus the adapter
+    for name, ratio in out["training"]["ratios_vs_d20"].items():
+        assert ratio["tokens_per_s_ratio"] == pytest.approx(variants[name]["tokens_per_s"] / d20["tokens_per_s"])
+    decode = out["decode"]
+    assert set(decode["d20_recursive"]) >= {f"{s}_batch{b}" for s in ("exact", "ring:2", "final") for b in (1, 32)}
+    assert set(decode["d20"]) >= {"exact_batch1", "exact_batch32"}
+    for key in ("exact_batch1", "ring:2_batch32", "final_batch32"):
+        d = decode["d20_recursive"][key]
+        batch = int(key.rsplit("batch", 1)[1])
+        assert d["tokens_per_s"] > 0 and 1 <= d["tokens_per_row_min"] <= d["tokens_per_row_max"]
+        assert d["generated_tokens"] >= batch
+    batching = out["continuous_batching"]
+    assert batching["status"] in {"measured", "not available"}
+    if batching["status"] == "measured":
+        assert batching["requests"] == out["sizes"]["batching_requests"] and batching["generated_tokens"] > 0
+        assert 1 <= batching["mean_recur"] <= batching["num_recur_range"][1]
+
+
+def test_largest_batch_halves_on_out_of_memory():
+    from benchmarks.gpu import largest_batch
+
+    def fits(batch: int) -> None:
+        if batch > 5:
+            raise torch.OutOfMemoryError(f"batch {batch} does not fit")
+
+    assert largest_batch(fits, 32) == (4, [32, 16, 8, 4])
+    with pytest.raises(RuntimeError, match=r"no batch fits, tried \[2, 1\]"):
+        largest_batch(lambda batch: fits(batch + 10), 2)
+
+
+def test_gpu_benchmark_trains_with_the_d20_pretrain_optimizer():
+    """benchmarks/gpu.py cannot import pipelines (Ray); its optimizer settings must stay the d20 pretrain stage's."""
+    from benchmarks.gpu import D20_PRETRAIN_OPTIMIZER, GRAD_CLIP
+    from pipelines.config import PipelineConfig
+
+    for preset in ("d20", "d20-recursive"):
+        stage = PipelineConfig.from_preset(preset).stage("pretrain")
+        for f in dataclasses.fields(D20_PRETRAIN_OPTIMIZER):
+            assert getattr(D20_PRETRAIN_OPTIMIZER, f.name) == getattr(stage, f.name), (preset, f.name)
+        assert stage.grad_clip == GRAD_CLIP and stage.grad_accum == 1
+
+
+def test_byte_pair_tokenizer_has_exactly_the_model_vocabulary():
+    from benchmarks.gpu import byte_pair_tokenizer
+
+    for vocab_size in (265, 512, 65536):
+        tok = byte_pair_tokenizer(vocab_size)
+        assert tok.vocab_size == vocab_size and tok.encode_special("<|output_end|>") == vocab_size - 1
+        assert tok.decode(tok.encode("ab cd")) == "ab cd"
+    with pytest.raises(ValueError, match="vocab_size=100"):
+        byte_pair_tokenizer(100)
+
+
+def test_continuous_batching_is_batch_invariant_and_accounts_recurrences(outputs):
+    out = outputs["continuous_batching"]
+    assert out["batch_invariant"] is True  # traced rows == the same requests run alone (greedy, exact)
+    for part in (out["adaptive_exit"], out["adaptive_exit_wide"]):
+        assert 0 < part["mean_recur_ratio"] <= part["step_deepest_ratio"] <= 1
+        assert part["mean_recur"] < part["r_max"]  # the exit rule fired
+    trace = out["trace"]
+    assert trace["continuous"]["tokens"] == trace["static"]["tokens"] > 0

@@ -27,8 +27,9 @@ from typing import Any
 import pytest
 import yaml
 
-from pipelines.cli import build_parser
+from cluster.grafana_dashboard import SERVE_METRICS, TRAIN_METRICS
 from pipelines.config import PipelineConfig
+from rnc.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
@@ -370,8 +371,14 @@ def test_dockerfile_builds_the_project_on_cuda_with_python_311():
     assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+$", text, re.M) and "FROM ${CUDA_IMAGE}" in text
     assert "python3.11 -m venv" in text and "pip install ." in text and "wget" in text
     ignore = (CLUSTER / "Dockerfile.dockerignore").read_text().split()
-    for needed in ("pyproject.toml", "README.md", "recursive_model/", "pipelines/", "serve/"):
-        assert f"!{needed}" in ignore
+    # every package pyproject installs must reach the image, or `pip install .` builds a project missing one
+    include = re.search(r"^include = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    packages = [name.strip(' "*') for name in include.split(",")]
+    assert {"recursive_model", "checkpoints", "pipelines", "serve", "rnc", "export"} <= set(packages)
+    for needed in ("pyproject.toml", "README.md", *(f"{p}/" for p in packages)):
+        assert f"!{needed}" in ignore, needed
+    copied_dirs = {c.split()[0] for c in re.findall(r"^COPY --chown=\S+ (.+) \S+$", text, re.M)}
+    assert set(packages) <= copied_dirs, set(packages) - copied_dirs
     for copied in re.findall(r"^COPY --chown=\S+ (.+) \S+$", text, re.M):
         for name in copied.split():
             assert (ROOT / name).exists(), name
@@ -438,8 +445,7 @@ def _recorded_metric_names(monkeypatch) -> dict[str, str]:
 
 
 def test_documented_metrics_are_exactly_the_ones_the_code_exports(monkeypatch):
-    gen = load_generator()
-    documented = {name: kind for name, kind, _, _ in gen.TRAIN_METRICS + gen.SERVE_METRICS}
+    documented = {name: kind for name, kind, _, _ in TRAIN_METRICS + SERVE_METRICS}
     assert documented == _recorded_metric_names(monkeypatch)
     readme = (CLUSTER / "README.md").read_text()
     exprs = " ".join(t["expr"] for p in json.loads(DASHBOARD_JSON.read_text())["panels"] for t in p.get("targets", []))
@@ -513,7 +519,7 @@ def test_two_node_local_cluster_trains_tiny_pipeline_one_worker_per_node_into_s3
             [
                 sys.executable,
                 "-m",
-                "pipelines.cli",
+                "rnc",
                 "pipeline",
                 "run",
                 "--config",

@@ -14,9 +14,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from checkpoints import Storage, save_checkpoint
 from pipelines.eval_cli import add_eval_subcommand, main
-from pipelines.storage import Storage
-from recursive_model import GPT, GPTConfig, Tokenizer, save_checkpoint
+from recursive_model import GPT, GPTConfig, Tokenizer
 from recursive_model.evaluation import (
     ADAPTIVE,
     EVAL_TASKS,
@@ -24,9 +24,9 @@ from recursive_model.evaluation import (
     build_eval_tasks,
     evaluate_model,
     load_report,
-    parse_adaptive,
     write_outputs,
 )
+from recursive_model.recurrence import ExitRule
 from recursive_model.tasks import EvalResult, Reasoning
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
@@ -91,7 +91,8 @@ def test_cli_end_to_end_with_adaptive_and_baseline(checkpoints, tmp_path, capsys
     assert {t: sorted(by_r) for t, by_r in data["results"].items()} == {t: ["1", "2"] for t in tasks}
     assert all(data["results"][t][r]["total"] == (3 if t == "gsm8k" else 4) for t in tasks for r in ("1", "2"))
     assert set(data["chatcore"]) == {"1", "2", ADAPTIVE}
-    assert data["adaptive"] == "kl:5e-4" and data["adaptive_recur"] == 2 and set(data["adaptive_results"]) == set(tasks)
+    assert data["adaptive"] == "kl:0.0005" and data["adaptive_recur"] == 2
+    assert set(data["adaptive_results"]) == set(tasks)
     for task in ("reasoning", "gsm8k"):  # generative: recurrences actually used, within the budget
         assert 1.0 <= data["adaptive_results"][task]["mean_recur"] <= 2.0
     assert 1.0 <= data["mean_recur"][ADAPTIVE] <= 2.0
@@ -101,7 +102,7 @@ def test_cli_end_to_end_with_adaptive_and_baseline(checkpoints, tmp_path, capsys
 
     rows = _table_rows((out / "eval.md").read_text())
     assert rows[0][:4] == ["task", "type", "r=1", "r=2"]
-    assert rows[0][4].startswith("adaptive kl:5e-4") and rows[0][5] == "baseline"
+    assert rows[0][4].startswith("adaptive kl:0.0005") and rows[0][5] == "baseline"
     assert [row[0] for row in rows[2:]] == [*tasks, "**ChatCORE**", "recurrences / generated token"]
     assert {len(row) for row in rows} == {6}
     assert "r/tok" in rows[2][4]  # the adaptive cell of a generative task reports its recurrences
@@ -166,9 +167,12 @@ BAD_INPUTS = [
     ("unknown task", ["--tasks", "reasoning,wiki"], 2, "unknown task 'wiki'; known: reasoning"),
     ("r = 0", ["--recurrences", "1,0"], 2, "r=0 is invalid"),
     ("r not an int", ["--recurrences", "1,two"], 2, "r='two' is not an integer"),
-    ("adaptive without threshold", ["--adaptive", "kl"], 2, "adaptive spec 'kl' is malformed"),
-    ("adaptive unknown criterion", ["--adaptive", "entropy:1e-3"], 2, "adaptive spec 'entropy:1e-3' is malformed"),
-    ("adaptive threshold <= 0", ["--adaptive", "latent:-1"], 2, "adaptive spec 'latent:-1' is malformed"),
+    ("adaptive without threshold", ["--adaptive", "kl"], 2,
+     "argument --adaptive: exit rule 'kl' is not criterion:threshold[:min_recur]; criteria ['kl', 'latent']"),
+    ("adaptive unknown criterion", ["--adaptive", "entropy:1e-3"], 2,
+     "argument --adaptive: ExitRule.criterion='entropy' is invalid; allowed one of ['kl', 'latent']"),
+    ("adaptive threshold < 0", ["--adaptive", "latent:-1"], 2,
+     "argument --adaptive: ExitRule.threshold=-1.0 is invalid; allowed a number >= 0"),
     ("source for a generated task", ["--task-source", "reasoning=x.jsonl"], 2, "'reasoning' is generated"),
     ("missing task source", ["--tasks", "gsm8k", "--task-source", "gsm8k=/no/such.jsonl"], 2, "/no/such.jsonl"),
     ("bad max problems", ["--max-problems", "0"], 2, "argument --max-problems: '0' must be an integer >= 1"),
@@ -235,7 +239,7 @@ def test_evaluate_model_validates_its_inputs(tokenizer):
         (dict(tasks=[]), "non-empty list of task names"),
         (dict(recurrences=[2, 0]), "r=0 is invalid"),
         (dict(recurrences=[]), "non-empty list"),
-        (dict(adaptive="kl:abc"), "adaptive spec 'kl:abc' is malformed"),
+        (dict(adaptive="kl:5e-4"), "adaptive='kl:5e-4' must be an ExitRule or None; parse a spec"),
         (dict(max_problems=0), "max_problems=0"),
         (dict(sources={"wiki": "x.jsonl"}), "source given for unknown task 'wiki'"),
     ]
@@ -243,7 +247,6 @@ def test_evaluate_model_validates_its_inputs(tokenizer):
         kwargs = dict(tasks=["reasoning"], recurrences=[1], log=None) | overrides
         with pytest.raises(ValueError, match=message):
             evaluate_model(model, tokenizer, **kwargs)
-    assert parse_adaptive("latent:1e-3") == ("latent", 1e-3)
 
 
 def test_eval_tasks_build_eval_splits_and_hub_tasks_read_local_sources():
@@ -280,9 +283,9 @@ def test_plain_gpt_is_scored_once_for_every_r(tokenizer, capsys):
 
 def test_fixed_r_columns_ignore_an_exit_criterion_in_the_checkpoint_config(tokenizer):
     # A threshold no KL can reach: with the config's criterion on, every token would exit after 2 recurrences.
-    model, _ = _model(tokenizer, exit_criterion="kl", exit_threshold=1e9)
-    report = evaluate_model(model, tokenizer, ["reasoning"], [4], adaptive="kl:1e9", max_problems=2, max_tokens=3,
-                            log=None)  # fmt: skip
+    model, _ = _model(tokenizer, decode=dict(num_recur=2, exit=ExitRule(criterion="kl", threshold=1e9)))
+    report = evaluate_model(model, tokenizer, ["reasoning"], [4], adaptive=ExitRule.parse("kl:1e9"), max_problems=2,
+                            max_tokens=3, log=None)  # fmt: skip
     assert report.results["reasoning"][4].mean_recur == 4.0
     # Per answer: the first token comes from the prompt pass (all 4), the next two exit at the first KL check (2).
     assert report.adaptive_results["reasoning"].mean_recur == pytest.approx((4 + 2 + 2) / 3)
@@ -311,7 +314,7 @@ def _hand_report() -> EvalReport:
                 4: _result("GSM8K", "generative", 3, 10, 4, mean_recur=4.0, tokens_generated=20),
             },
         },
-        adaptive="latent:1e-3",
+        adaptive=ExitRule(criterion="latent", threshold=1e-3),
         adaptive_results={
             "arc_easy": _result("ARC-Easy", "categorical", 7, 8, 4),
             "gsm8k": _result("GSM8K", "generative", 2, 10, 4, mean_recur=2.5, tokens_generated=40),
@@ -335,7 +338,7 @@ def test_chatcore_per_column_is_the_mean_centred_accuracy():
 def test_markdown_table_has_a_column_per_r_and_a_row_per_task():
     report = _hand_report()
     rows = _table_rows(report.to_markdown(baseline=report))
-    assert rows[0] == ["task", "type", "r=1", "r=4", "adaptive latent:1e-3 (r≤4)", "baseline"]
+    assert rows[0] == ["task", "type", "r=1", "r=4", "adaptive latent:0.001 (r≤4)", "baseline"]
     assert rows[1] == [":--", ":--", "--:", "--:", "--:", "--:"]
     assert [row[0] for row in rows[2:]] == ["arc_easy", "gsm8k", "**ChatCORE**", "recurrences / generated token"]
     assert {len(row) for row in rows} == {6}

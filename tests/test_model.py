@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 from recursive_model import GPT, GPTConfig, sample_num_recur
 from recursive_model.kv_cache import KVCache
+from recursive_model.recurrence import EXIT_CRITERIA, DecodeSettings, ExitRule, RecurrenceSampling
 from recursive_model.model import parameter_counts
 from recursive_model.sampling import recur_generator
 
@@ -30,13 +31,15 @@ def randomized(cfg: GPTConfig, seed: int = 0, std: float = 0.2) -> GPT:
     "overrides, field",
     [
         (dict(n_embd=0), "n_embd"),
-        (dict(recur_sigma=0.0), "recur_sigma"),
-        (dict(train_recur_mean=20.0), "train_recur_mean"),
+        (dict(recurrence=dict(sigma=0.0)), r"RecurrenceSampling\.sigma=0\.0"),
+        (dict(recurrence=dict(sigma=50.0)), r"RecurrenceSampling\.sigma=50\.0.*\(0, 4\.0\]"),
+        (dict(recurrence=dict(mean=20.0)), r"RecurrenceSampling\.mean=20\.0.*r_max=4"),
         (dict(inject_mode="mul"), "inject_mode"),
         (dict(state_init="ones"), "state_init"),
-        (dict(kv_cache="ring:0"), "kv_cache"),
-        (dict(kv_cache="lru"), "kv_cache"),
-        (dict(exit_criterion="entropy"), "exit_criterion"),
+        (dict(decode=dict(kv_cache="ring:0")), "kv_cache"),
+        (dict(decode=dict(kv_cache="lru")), "kv_cache"),
+        (dict(decode=dict(exit="entropy:0.1")), r"ExitRule\.criterion='entropy'.*\['kl', 'latent'\]"),
+        (dict(decode=dict(num_recur=0)), r"DecodeSettings\.num_recur=0"),
         (dict(n_kv_head=3), "n_kv_head"),
     ],
 )
@@ -53,8 +56,34 @@ def test_config_unknown_field_and_preset():
 
 
 def test_config_round_trip():
-    cfg = GPTConfig.from_preset("cpu-small", recur_sigma=0.7)
+    cfg = GPTConfig.from_preset("cpu-small", recurrence=dict(sigma=0.7),
+                                decode=dict(exit=ExitRule(criterion="kl", threshold=1e-3, min_recur=2)))
+    assert cfg.recurrence == RecurrenceSampling(mean=3.0, sigma=0.7, r_max=8, bptt_k=3)
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_format_1_flat_recurrence_keys_still_load():
+    """config.json of older checkpoints had flat recurrence fields; they land in the typed sub-configs."""
+    flat = {k: v for k, v in GPTConfig.from_preset("tiny").to_dict().items() if k not in ("recurrence", "decode")}
+    flat.update(train_recur_mean=3.0, train_recur_max=8, recur_sigma=0.7, bptt_k=2, eval_recur=5, kv_cache="ring:2",
+                recur_warm_start=True, exit_criterion="kl", exit_threshold=1e-3, exit_min_recur=2)
+    cfg = GPTConfig.from_dict(flat)
+    assert cfg.recurrence == RecurrenceSampling(mean=3.0, sigma=0.7, r_max=8, bptt_k=2)
+    assert cfg.decode == DecodeSettings(num_recur=5, kv_cache="ring:2", warm_start=True,
+                                        exit=ExitRule(criterion="kl", threshold=1e-3, min_recur=2))
+
+
+def test_exit_rule_parse_and_registry():
+    assert ExitRule.parse("kl:5e-4") == ExitRule(criterion="kl", threshold=5e-4)
+    assert ExitRule.parse("latent:1e-3:2") == ExitRule(criterion="latent", threshold=1e-3, min_recur=2)
+    assert str(ExitRule.parse("latent:0.001:2")) == "latent:0.001:2"
+    assert set(EXIT_CRITERIA) == {"kl", "latent"}
+    for bad, field in [("kl", "criterion:threshold"), ("kl:abc", "criterion:threshold"), ("kl:-1", "threshold"),
+                       ("entropy:1", "criterion"), ("kl:1:0", "min_recur")]:
+        with pytest.raises(ValueError, match=field):
+            ExitRule.parse(bad)
+    s = DecodeSettings(num_recur=8, exit=ExitRule.parse("kl:1e-3"))
+    assert hash(s) == hash(DecodeSettings.from_dict(s.to_dict())) and s.label == "r8 kl:0.001"
 
 
 def test_reference_parameter_counts():
@@ -155,7 +184,7 @@ def reference_truncated_grads(model: GPT, x: torch.Tensor, r: int, k: int) -> di
 
 
 def test_truncated_bptt_matches_reference():
-    cfg = GPTConfig.from_preset("tiny", bptt_k=2, train_recur_max=8)
+    cfg = GPTConfig.from_preset("tiny", recurrence=dict(bptt_k=2, r_max=8))
     model = randomized(cfg, std=0.1).train()
     x = torch.randint(0, 512, (2, 16))
     ref = reference_truncated_grads(model, x, r=6, k=2)
@@ -165,7 +194,7 @@ def test_truncated_bptt_matches_reference():
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-6, msg=n)
     # and the truncation is real: full backprop through all 6 recurrences gives different recurrent-block grads
     full = copy.deepcopy(model)
-    full.config = GPTConfig.from_preset("tiny", bptt_k=8, train_recur_max=8)
+    full.config = GPTConfig.from_preset("tiny", recurrence=dict(bptt_k=8, r_max=8))
     full.zero_grad()
     full(x, targets=x, num_recur=6).backward()
     name = "recur.0.attn.c_q.weight"
@@ -174,7 +203,7 @@ def test_truncated_bptt_matches_reference():
 
 # --- compile ----------------------------------------------------------------------------------------------------------
 def test_compiled_recurrence_builds_at_most_two_graphs_and_matches_eager():
-    cfg = GPTConfig.from_preset("tiny", train_recur_max=16)
+    cfg = GPTConfig.from_preset("tiny", recurrence=dict(r_max=16))
     model = randomized(cfg, std=0.1)
     x = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
@@ -197,15 +226,16 @@ def test_compiled_recurrence_builds_at_most_two_graphs_and_matches_eager():
 def decode_logits(model: GPT, x: torch.Tensor, r: int, prefill: int, strategy: str) -> torch.Tensor:
     """Logits at positions prefill-1..T-1 from a prefill of `prefill` tokens then one token at a time."""
     cache = KVCache(model.config, x.size(0), x.size(1), num_recur=r, strategy=strategy)
-    out = [model.forward_cached(x[:, :prefill], cache, num_recur=r)[0]]
+    settings = DecodeSettings(num_recur=r, kv_cache=strategy)
+    out = [model.forward_cached(x[:, :prefill], cache, settings)[0]]
     for t in range(prefill, x.size(1)):
-        out.append(model.forward_cached(x[:, t : t + 1], cache, num_recur=r)[0])
+        out.append(model.forward_cached(x[:, t : t + 1], cache, settings)[0])
     return torch.stack(out, dim=1)
 
 
 @pytest.mark.parametrize("r", [1, 2, 4, 8])
 def test_exact_cache_decode_equals_full_forward(r):
-    model = randomized(GPTConfig.from_preset("tiny", train_recur_max=8))
+    model = randomized(GPTConfig.from_preset("tiny", recurrence=dict(r_max=8)))
     x = torch.randint(0, 512, (2, 24))
     with torch.no_grad():
         full = model(x, num_recur=r)
@@ -223,14 +253,14 @@ def test_plain_gpt_cache_equals_full_forward():
 
 @pytest.mark.parametrize("r, k", [(2, 2), (3, 4), (4, 4)])
 def test_ring_cache_equals_exact_when_r_fits(r, k):
-    model = randomized(GPTConfig.from_preset("tiny", train_recur_max=8))
+    model = randomized(GPTConfig.from_preset("tiny", recurrence=dict(r_max=8)))
     x = torch.randint(0, 512, (2, 16))
     exact = decode_logits(model, x, r, 4, "exact")
     torch.testing.assert_close(decode_logits(model, x, r, 4, f"ring:{k}"), exact, rtol=0, atol=1e-5)
 
 
 def test_ring_and_final_differ_from_exact_beyond_their_size_and_save_memory():
-    cfg = GPTConfig.from_preset("tiny", train_recur_max=8)
+    cfg = GPTConfig.from_preset("tiny", recurrence=dict(r_max=8))
     model = randomized(cfg)
     x = torch.randint(0, 512, (1, 16))
     exact = decode_logits(model, x, 4, 4, "exact")
@@ -248,37 +278,40 @@ def test_batched_prefill_of_different_lengths_matches_single_rows():
     padded = torch.zeros(2, 9, dtype=torch.long)
     padded[0], padded[1, :5] = a[0], b[0]
     cache = KVCache(model.config, 2, 16, num_recur=2)
-    logits, used, _ = model.forward_cached(padded, cache, num_recur=2, lengths=torch.tensor([9, 5]))
+    logits, used, _ = model.forward_cached(padded, cache, R2, lengths=torch.tensor([9, 5]))
     assert cache.pos.tolist() == [9, 5] and used.tolist() == [2, 2]
     with torch.no_grad():
         torch.testing.assert_close(logits[0], model(a, num_recur=2)[0, -1], rtol=0, atol=1e-4)
         torch.testing.assert_close(logits[1], model(b, num_recur=2)[0, -1], rtol=0, atol=1e-4)
     # next decode step: each row continues at its own position
     nxt = torch.randint(0, 512, (2, 1))
-    logits, _, _ = model.forward_cached(nxt, cache, num_recur=2)
+    logits, _, _ = model.forward_cached(nxt, cache, R2)
     with torch.no_grad():
         torch.testing.assert_close(logits[1], model(torch.cat([b, nxt[1:]], 1), num_recur=2)[0, -1], atol=1e-4, rtol=0)
 
 
-def test_warm_start_uses_previous_state():
+R2 = DecodeSettings(num_recur=2)
+
+
+def test_warm_start_replaces_s0_by_the_given_state():
+    """init_state is exactly s0: passing what state_init would give changes nothing; another state changes logits."""
     model = randomized(GPTConfig.from_preset("tiny", state_init="zeros"))
-    x = torch.randint(0, 512, (1, 8))
-    cache_a = KVCache(model.config, 1, 16, num_recur=2)
-    cache_b = KVCache(model.config, 1, 16, num_recur=2)
-    _, _, state = model.forward_cached(x, cache_a, num_recur=2)
-    model.forward_cached(x, cache_b, num_recur=2)
+    x, nxt = torch.randint(0, 512, (1, 8)), torch.randint(0, 512, (1, 1))
+    caches = [KVCache(model.config, 1, 16, num_recur=2) for _ in range(3)]
+    for c in caches:
+        _, _, state = model.forward_cached(x, c, R2)
     assert state.shape == (1, 32)
-    nxt = torch.randint(0, 512, (1, 1))
-    cold, _, _ = model.forward_cached(nxt, cache_a, num_recur=2)
-    warm, _, warm_state = model.forward_cached(nxt, cache_b, num_recur=2, init_state=state)
-    assert not torch.allclose(cold, warm)  # the previous final state flowed into this token's recurrence
-    assert warm_state.shape == (1, 32) and torch.isfinite(warm).all()
+    cold, _, cold_state = model.forward_cached(nxt, caches[0], R2)
+    zero_warm, _, zero_state = model.forward_cached(nxt, caches[1], R2, init_state=torch.zeros(1, 32))
+    warm, _, _ = model.forward_cached(nxt, caches[2], R2, init_state=state)
+    assert torch.equal(cold, zero_warm) and torch.equal(cold_state, zero_state)
+    assert (cold - warm).abs().max() > 1e-3  # the previous final state flowed into this token's recurrence
 
 
 # --- adaptive exit ----------------------------------------------------------------------------------------------------
 def fixed_point_model() -> GPT:
     """Identity recurrent block and the adapter at its init (output e): s1 = s2 = ... = e, a fixed point at step 2."""
-    cfg = GPTConfig.from_preset("tiny", state_init="zeros", train_recur_max=8)
+    cfg = GPTConfig.from_preset("tiny", state_init="zeros", recurrence=dict(r_max=8))
     model = randomized(cfg)
     with torch.no_grad():
         for block in model.recur:
@@ -289,22 +322,25 @@ def fixed_point_model() -> GPT:
     return model
 
 
+def exit_at(r: int, rule: str) -> DecodeSettings:
+    return DecodeSettings(num_recur=r, exit=ExitRule.parse(rule))
+
+
 def test_adaptive_exit_latent_exits_early_on_a_fixed_point_and_not_otherwise():
     model = fixed_point_model()
     cfg = model.config
     x = torch.randint(0, 512, (2, 6))
     cache = KVCache(cfg, 2, 16, num_recur=8)
-    model.forward_cached(x[:, :5], cache, num_recur=8)
-    _, used, _ = model.forward_cached(x[:, 5:], cache, num_recur=8, exit_criterion="latent", exit_threshold=1e-4)
+    model.forward_cached(x[:, :5], cache, DecodeSettings(num_recur=8))
+    _, used, _ = model.forward_cached(x[:, 5:], cache, exit_at(8, "latent:1e-4"))
     assert used.tolist() == [2, 2]
     # a random block keeps moving the state: no exit before the cap
     model = randomized(cfg, seed=3, std=0.3)
-    _, used, _ = model.forward_cached(x[:, 5:], KVCache(cfg, 2, 16, num_recur=8), num_recur=8, exit_criterion="kl",
-                                      exit_threshold=1e-9)
+    _, used, _ = model.forward_cached(x[:, 5:], KVCache(cfg, 2, 16, num_recur=8), exit_at(8, "kl:1e-9"))
     assert used.tolist() == [8, 8]
     cache = KVCache(cfg, 2, 16, num_recur=8)
-    model.forward_cached(x[:, :5], cache, num_recur=8)
-    _, used, _ = model.forward_cached(x[:, 5:], cache, num_recur=8, exit_criterion="latent", exit_threshold=1e-6)
+    model.forward_cached(x[:, :5], cache, DecodeSettings(num_recur=8))
+    _, used, _ = model.forward_cached(x[:, 5:], cache, exit_at(8, "latent:1e-6"))
     assert used.tolist() == [8, 8]
 
 
@@ -313,17 +349,25 @@ def test_adaptive_exit_kl_respects_min_and_fills_cache_with_deepest_entry():
     cfg = model.config
     x = torch.randint(0, 512, (1, 6))
     cache = KVCache(cfg, 1, 16, num_recur=8)
-    model.forward_cached(x[:, :5], cache, num_recur=8)
-    _, used, _ = model.forward_cached(x[:, 5:], cache, num_recur=8, exit_criterion="kl", exit_threshold=1e-6,
-                                      min_recur=4)
+    model.forward_cached(x[:, :5], cache, DecodeSettings(num_recur=8))
+    _, used, _ = model.forward_cached(x[:, 5:], cache, exit_at(8, "kl:1e-6:4"))
     assert used.tolist() == [4]  # converged at 2, held to min_recur=4
-    deepest = cache.k[cache.recur_layer(0, 3), 0, :, 5]
+    pool = cache.pool
+    deepest = cache.key(pool.recur_layer(0, 3), 0, 5)
     for slot in range(4, 8):
-        assert torch.equal(cache.k[cache.recur_layer(0, slot), 0, :, 5], deepest)
+        assert torch.equal(cache.key(pool.recur_layer(0, slot), 0, 5), deepest)
+
+
+def test_prompt_runs_the_full_budget_whatever_the_exit_rule():
+    """A one-token prompt is a prefill: it never exits early (it used to, via the checkpoint's exit criterion)."""
+    model = fixed_point_model()
+    _, used, _ = model.forward_cached(torch.tensor([[5]]), KVCache(model.config, 1, 8, num_recur=4),
+                                      exit_at(4, "latent:1e-4"), prompt=True)
+    assert used.tolist() == [4]
 
 
 def test_exact_cache_refuses_more_recurrences_than_slots():
     model = randomized(GPTConfig.from_preset("tiny"))
     cache = KVCache(model.config, 1, 8, num_recur=2)
     with pytest.raises(ValueError, match="sized for 2 recurrences"):
-        model.forward_cached(torch.zeros(1, 2, dtype=torch.long), cache, num_recur=3)
+        model.forward_cached(torch.zeros(1, 2, dtype=torch.long), cache, DecodeSettings(num_recur=3))

@@ -10,18 +10,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipelines.cli import main as rnc
+from checkpoints import Storage, fetch_latest_valid, list_checkpoints, load_checkpoint
 from pipelines.config import ConfigError, PipelineConfig, StageConfig
 from pipelines.dag import _train_tokenizer, selected_stages, stage_hashes
-from pipelines.storage import Storage
-from pipelines.train_loop import (
-    LocalSession,
-    StageJob,
-    fetch_latest_valid,
-    list_checkpoints,
-    lr_multiplier,
-    run_stage,
-)
+from pipelines.train_loop import LocalSession, StageJob, lr_multiplier, run_stage
+from recursive_model.recurrence import ExitRule, RecurrenceSampling
+from rnc.cli import main as rnc
 
 
 def tiny_config(storage_uri: str, **overrides) -> PipelineConfig:
@@ -42,10 +36,21 @@ def test_presets_validate_and_round_trip_through_yaml(preset, tmp_path):
     [
         (dict(model={"preset": "nope"}), "unknown model preset 'nope'"),
         (dict(stages=[dict(name="pretrain", steps=-5)]), r"stages\[0\].steps=-5"),
-        (dict(stages=[dict(name="pretrain", stepz=5)]), r"stages\[0\].stepz"),
+        (dict(stages=[dict(name="pretrain", stepz=5)]), r"stages\[0\].stepz: unknown field; known: \[.*'steps'"),
         (dict(bogus=1), "bogus"),
         (dict(stages=[dict(name="finetune")]), r"stages\[0\].name='finetune'"),
-        (dict(model={"preset": "tiny", "bptt_k": 0}), "bptt_k"),
+        (dict(model={"preset": "tiny", "recurrence": {"bptt_k": 0}}), r"model: RecurrenceSampling.bptt_k=0"),
+        (dict(stages=[dict(name="pretrain", recurrence={"sigma": 9.0})]),
+         r"stages\[0\].recurrence: RecurrenceSampling.sigma=9.0 is invalid; allowed a number in \(0, 4.0\]"),
+        (dict(stages=[dict(name="pretrain", recurrence={"r_maxx": 2})]),
+         r"stages\[0\].recurrence: unknown RecurrenceSampling field\(s\) \['r_maxx'\]; known: \['mean', 'sigma'"),
+        (dict(stages=[dict(name="pretrain", steps="5")]), r"stages\[0\].steps='5' is invalid: Input should be a valid"),
+        (dict(stages=[dict(name="pretrain"), dict(name="pretrain")]), r"stages: \['pretrain', 'pretrain'\] is invalid"),
+        (dict(scaling=dict(use_gpu=1)), r"scaling.use_gpu=1 is invalid: Input should be a valid boolean"),
+        (dict(wandb=dict(mode="loud")), r"wandb.mode='loud' is invalid: Input should be 'online', 'offline' or"),
+        (dict(run_name="a/b"), r"run_name: 'a/b' is invalid; allowed: a non-empty name without '/'"),
+        (dict(eval=dict(adaptive="entropy:1e-3")), r"eval.adaptive: ExitRule.criterion='entropy'"),
+        (dict(eval=dict(adaptive="kl")), r"eval.adaptive: exit rule 'kl' is not criterion:threshold"),
         (dict(eval=dict(recurrences=[0, 2])), "eval.recurrences"),
         (dict(storage={"uri": "gs://bucket/x"}), "scheme 'gs'"),
     ],
@@ -53,6 +58,23 @@ def test_presets_validate_and_round_trip_through_yaml(preset, tmp_path):
 def test_bad_config_is_a_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
         PipelineConfig.from_preset("tiny", **overrides)
+
+
+def test_stage_recurrence_is_the_models_unless_set_and_a_partial_one_completes_from_the_model():
+    cfg = PipelineConfig.from_preset("tiny", stages=[dict(name="pretrain", recurrence={"bptt_k": 1}), dict(name="sft")])
+    model = cfg.gpt_config().recurrence
+    assert cfg.stage("pretrain").recurrence == RecurrenceSampling(mean=model.mean, sigma=model.sigma,
+                                                                  r_max=model.r_max, bptt_k=1)
+    assert cfg.stage("sft").recurrence is None and cfg.stage("sft").recurrence_for(cfg.gpt_config()) == model
+    assert PipelineConfig.from_dict(cfg.to_dict()) == cfg  # the completed form round-trips
+
+
+def test_eval_adaptive_is_parsed_once_into_an_exit_rule(tmp_path):
+    cfg = PipelineConfig.from_preset("tiny", eval=dict(adaptive="kl:5e-4:2"))
+    assert cfg.eval.adaptive == ExitRule(criterion="kl", threshold=5e-4, min_recur=2)
+    path = tmp_path / "p.yaml"
+    path.write_text(cfg.to_yaml())
+    assert PipelineConfig.from_yaml(path).eval.adaptive == cfg.eval.adaptive
 
 
 def test_unknown_pipeline_preset_and_cli_errors(capsys, tmp_path):
@@ -153,6 +175,28 @@ def test_resumed_run_equals_uninterrupted_run(trained_tokenizer_storage, stage):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_stage_trains_with_its_own_recurrence_and_its_checkpoint_records_it(trained_tokenizer_storage):
+    """bptt_k set on the stage trains exactly as the same bptt_k set on the model, unlike the model's own bptt_k;
+    the stage's checkpoint records the recurrence it was trained with."""
+    base = trained_tokenizer_storage
+    stage_k1 = PipelineConfig.from_dict({**base.to_dict(), "stages": [{**base.stage("pretrain").to_dict(),
+                                                                         "recurrence": {"bptt_k": 1}}]})
+    model_k1 = PipelineConfig.from_dict({**base.to_dict(), "model": {**base.model, "recurrence": {"bptt_k": 1}}})
+    assert base.gpt_config().recurrence.bptt_k == 2 and stage_k1.gpt_config() == base.gpt_config()
+    weights = {}
+    for name, cfg in (("stage-k1", stage_k1), ("model-k1", model_k1), ("model-k2", base)):
+        job = job_for(cfg, "pretrain", run_name=name)
+        run_stage(job, LocalSession(job))
+        weights[name] = final_weights(cfg, job)
+        newest = list_checkpoints(Storage(cfg.storage), job.stage_path)[0][1]
+        saved = load_checkpoint(newest).config
+        assert saved.recurrence == cfg.stage("pretrain").recurrence_for(cfg.gpt_config())
+        assert saved.decode == cfg.gpt_config().decode
+    for k in weights["stage-k1"]:
+        torch.testing.assert_close(weights["stage-k1"][k], weights["model-k1"][k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(weights["stage-k1"][k], weights["model-k2"][k]) for k in weights["stage-k1"])
 
 
 def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(trained_tokenizer_storage, tmp_path, caplog):

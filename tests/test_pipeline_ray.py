@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from checkpoints import Storage, StorageConfig, StorageUnreachable, fetch_checkpoint, list_checkpoints
 from pipelines.config import PipelineConfig
 from pipelines.dag import run_pipeline
 from pipelines.manifest import PipelineManifest
-from pipelines.storage import Storage, StorageConfig, StorageUnreachable
-from pipelines.train_loop import list_checkpoints
 from tests.faulty_proxy import FaultyProxy
 
 pytestmark = pytest.mark.slow
@@ -29,7 +28,7 @@ def s3_config(bucket, run_name: str, endpoint: str | None = None, **overrides) -
     return PipelineConfig.from_preset("tiny", run_name=run_name, storage=storage, **overrides)
 
 
-def test_dag_end_to_end_into_s3_and_rerun_skips_finished(ray_cluster, s3_bucket):
+def test_dag_end_to_end_into_s3_and_rerun_skips_finished(ray_cluster, s3_bucket, tmp_path):
     cfg = s3_config(s3_bucket, "e2e")
     result = run_pipeline(cfg)
     storage = Storage(cfg.storage)
@@ -38,7 +37,7 @@ def test_dag_end_to_end_into_s3_and_rerun_skips_finished(ray_cluster, s3_bucket)
     for stage in ("pretrain", "mid", "sft"):
         uri = manifest.checkpoint_uri(stage)
         assert uri.startswith(f"s3://{s3_bucket.name}/runs/e2e/{stage}/step_000006")
-        storage.verify_remote_checkpoint(uri)
+        fetch_checkpoint(uri, storage=storage, cache_dir=tmp_path)  # complete and verified
         # keep_last=2: the intermediate and the final checkpoint remain
         assert [s for s, _ in list_checkpoints(storage, storage.join("e2e", stage))] == [6, 3]
     assert manifest.stages["sft"].metrics["step"] == 6 and "val_bpb_r1" in manifest.stages["sft"].metrics
@@ -95,7 +94,7 @@ def test_driver_killed_mid_dag_then_rerun_skips_finished_stages(ray_cluster, s3_
     config_file = tmp_path / "pipeline.yaml"
     config_file.write_text(cfg.to_yaml())
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "pipeline", "run", "--config", str(config_file),
+    proc = subprocess.Popen([sys.executable, "-m", "rnc", "pipeline", "run", "--config", str(config_file),
                              "--stages", "tokenizer,pretrain,mid"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     storage = Storage(cfg.storage)
@@ -136,7 +135,7 @@ def test_unreachable_s3_fails_fast_naming_the_endpoint(ray_cluster, s3_bucket):
     assert not direct.exists(direct.join("down"))
 
 
-def test_transient_s3_failures_during_checkpoint_upload_are_retried(ray_cluster, s3_bucket):
+def test_transient_s3_failures_during_checkpoint_upload_are_retried(ray_cluster, s3_bucket, tmp_path):
     with FaultyProxy(s3_bucket.endpoint_url, fail_first=3, mode="reset", methods={"PUT"},
                      path_contains="step_000003") as proxy:
         cfg = s3_config(s3_bucket, "flaky", endpoint=proxy.url,
@@ -149,4 +148,4 @@ def test_transient_s3_failures_during_checkpoint_upload_are_retried(ray_cluster,
     steps = [s for s, _ in list_checkpoints(direct, direct.join("flaky", "pretrain"))]
     assert steps == [6, 3]
     for _, path in list_checkpoints(direct, direct.join("flaky", "pretrain")):
-        direct.verify_remote_checkpoint(path)
+        fetch_checkpoint(path, storage=direct, cache_dir=tmp_path)

@@ -20,7 +20,6 @@ from tests.serve_fixtures import (  # noqa: F401  (the *_fixture imports registe
     HeadlessChromium,
     LiveApp,
     find_chromium,
-    ray_cluster_fixture,
     running_replicas,
     serve_app_fixture,
     tiny_checkpoint_uri_fixture,
@@ -246,7 +245,8 @@ def test_cli_deploy_status_shutdown_under_a_route_prefix(serve_app: LiveApp) -> 
         cache_dir=serve_app.config["cache_dir"],
         env={k: v for k, v in serve_app.config["env"].items() if k != "RNC_SERVE_TOKEN"},  # auth off here
         ingress={"num_cpus": 0.05},
-        tiers=[{"name": "only", "r_max": 3, "num_cpus": 0.05}],
+        # One row and one waiting slot: a burst overflows it (below).
+        tiers=[{"name": "only", "r_max": 3, "num_cpus": 0.05, "max_running": 1, "max_waiting": 1}],
     )
     info = deploy(cfg, block=False)
     assert info["app"] == "cli-test" and info["status"] == "RUNNING"
@@ -254,12 +254,35 @@ def test_cli_deploy_status_shutdown_under_a_route_prefix(serve_app: LiveApp) -> 
     assert info["deployments"]["tier-only"]["replicas"] == {"RUNNING": 1}
     r = httpx.post(f"{info['url']}/v1/chat/completions", json={"messages": HI, "max_tokens": 3, "max_recur": 2})
     assert r.status_code == 200 and r.json()["tier"] == "only"  # no token needed: auth is off for this app
+    full_replica_answers_503_with_retry_after_at_once(info["url"])
     page = httpx.get(info["url"], follow_redirects=True)  # /cli -> /cli/: the page's relative API paths resolve
     assert page.status_code == 200 and "<title>" in page.text and str(page.url).endswith("/cli/")
     assert set(status(None)) >= {"cli-test", APP_NAME}
     shutdown(None, "cli-test")
     wait_for(lambda: "cli-test" not in status(None), 30, what="the app to be deleted")
     assert post(serve_app, {"model": serve_app.model, "messages": HI, "max_tokens": 2}).status_code == 200
+
+
+def full_replica_answers_503_with_retry_after_at_once(url: str) -> None:
+    """A burst at a replica with one row and one waiting slot: the overflow is refused with 503 + Retry-After
+    (streaming or not) while the first requests still run, and every request gets an answer."""
+
+    async def burst() -> list[tuple[int, str | None, float]]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            t0 = time.perf_counter()
+
+            async def one(i: int) -> tuple[int, str | None, float]:
+                body = {"messages": HI, "max_tokens": 48, "max_recur": 3, "temperature": 0, "stream": i % 2 == 1}
+                r = await client.post("/v1/chat/completions", json=body)
+                return r.status_code, r.headers.get("retry-after"), time.perf_counter() - t0
+
+            return await asyncio.gather(*(one(i) for i in range(8)))
+
+    results = asyncio.run(burst())
+    refused = [t for status, retry, t in results if status == 503 and retry == "1"]
+    done = [t for status, _, t in results if status == 200]
+    assert len(refused) + len(done) == len(results), results
+    assert refused and done and min(refused) < max(done), results
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="chromium not installed (apt-get install -y chromium)")
@@ -336,8 +359,13 @@ def test_metrics_are_exported_per_tier(serve_app: LiveApp) -> None:
     for name in (
         "ray_rnc_serve_requests_total",
         "ray_rnc_serve_recurrences_total",
-        "ray_rnc_serve_queue_length",
+        "ray_rnc_serve_running_rows",
+        "ray_rnc_serve_waiting_requests",
+        "ray_rnc_serve_kv_blocks_used",
+        "ray_rnc_serve_kv_blocks_total",
+        "ray_rnc_serve_tokens_per_second",
         "ray_rnc_serve_mean_recurrences_per_token",
+        "ray_rnc_serve_time_to_first_token_seconds_bucket",
         "ray_rnc_serve_http_responses_total",
     ):
         assert name in text, name

@@ -1,25 +1,32 @@
-"""Serve pieces without Ray: config validation, budget routing, request parsing, the batching engine adapter,
-checkpoint loading (local and S3 cache), the Serve config writer and the terminal chat."""
+"""Serve pieces without Ray: config validation, budget routing into DecodeSettings, request parsing, the replica's
+continuous-batching front (ReplicaBatcher over a real ContinuousEngine), checkpoint loading (local and S3 cache), the
+Serve config writer and the terminal chat."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import io
 import json
+import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 import yaml
 
-from recursive_model.checkpoint import CheckpointError, load_checkpoint
+from checkpoints import CheckpointError, fetch_checkpoint, load_checkpoint
+from recursive_model.batching import ContinuousEngine, SamplingParams, StepEvent
 from recursive_model.engine import Engine
+from recursive_model.recurrence import DecodeSettings, ExitRule
+from serve.batcher import EngineSnapshot, ReplicaBatcher
 from serve.config import ServeConfig, TierConfig, load_config
-from serve.engine_adapter import BatchingEngine, Completion, GenerationRequest, StreamChunk, TokenDecoder
-from serve.loading import fetch_checkpoint, load_engine
+from serve.generation import Completion, GenerationRequest, StreamChunk, TokenDecoder
+from serve.loading import load_engine, load_tokenizer_and_config
 from serve.protocol import parse_chat_request
 from serve.router import Budget, BudgetRouter, RequestError
-from serve.service import ChatPlanner, StreamFormatter
+from serve.service import ChatPlanner, StreamFormatter, error_response
 from tests.serve_fixtures import make_tiny_checkpoint
 
 if TYPE_CHECKING:
@@ -28,7 +35,7 @@ if TYPE_CHECKING:
 TIERS = [
     {"name": "low", "r_min": 1, "r_max": 2, "kv_cache": "final"},
     {"name": "medium", "r_min": 3, "r_max": 4},
-    {"name": "high", "r_min": 5, "r_max": 8, "default_recur": 6, "exit_criterion": "kl"},
+    {"name": "high", "r_min": 5, "r_max": 8, "default_recur": 6, "exit": "kl:0.001:2"},
 ]
 
 
@@ -46,6 +53,12 @@ def engine(ckpt_dir: Path) -> Engine:
     ckpt = load_checkpoint(ckpt_dir)
     ckpt.model.eval()
     return Engine(ckpt.model, ckpt.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def engine64(engine: Engine) -> Engine:
+    """The same weights in float64: equivalence tests compare exact tokens, which float32 rounding may flip."""
+    return Engine(copy.deepcopy(engine.model).double(), engine.tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------------- config
@@ -67,11 +80,26 @@ def test_config_defaults_and_yaml(tmp_path: Path) -> None:
     opts = cfg.tier("a").serve_options({"K": "V"})
     assert opts["name"] == "tier-a" and opts["ray_actor_options"]["runtime_env"] == {"env_vars": {"K": "V"}}
     assert opts["autoscaling_config"]["min_replicas"] == 1
+    # Serve lets more requests in than the engine queues, so the engine (not Serve) refuses the excess with a 503.
+    a = cfg.tier("a")
+    assert opts["max_ongoing_requests"] > a.max_running + a.max_waiting
+    engine_opts = a.engine_options(sequence_len=64)
+    assert (engine_opts["max_recur"], engine_opts["kv_tokens"]) == (2, a.max_running * 64)
+
+
+def test_tier_exit_rule_reads_spec_or_mapping_and_round_trips() -> None:
+    tier = TierConfig(name="a", r_max=8, exit="kl:5e-4:2")
+    assert tier.exit == ExitRule(criterion="kl", threshold=5e-4, min_recur=2)
+    assert TierConfig.model_validate(tier.model_dump(mode="json")) == tier  # what a replica gets back from Serve
+    assert TierConfig(name="a", r_max=8, exit={"criterion": "latent", "threshold": 0.1}).exit.criterion == "latent"
+    assert TierConfig(name="a", r_max=8, exit="off").exit is None
+    assert tier.decode(5, tier.exit) == DecodeSettings(num_recur=5, kv_cache="exact", exit=tier.exit)
 
 
 def test_example_config_is_valid() -> None:
     cfg = load_config(Path(__file__).parents[1] / "serve" / "serve.example.yaml", checkpoint="s3://b/c")
-    assert [t.name for t in cfg.tiers] == ["low", "medium", "high"] and cfg.tier("high").exit_threshold == 5e-4
+    assert [t.name for t in cfg.tiers] == ["low", "medium", "high"]
+    assert cfg.tier("high").exit == ExitRule(criterion="kl", threshold=5e-4)
     assert BudgetRouter(cfg.tiers, cfg.default_tier).route(Budget(max_recur=12)).tier == "high"
 
 
@@ -88,6 +116,16 @@ def test_example_config_is_valid() -> None:
         ([{"name": "a", "r_max": 2, "default_recur": 5}], {}, "default_recur=5"),
         ([{"name": "a", "r_max": 2}], {"default_max_tokens": 900}, "default_max_tokens=900"),
         ([{"name": "a", "r_max": 2, "num_cpus": 0}], {}, "tiers[0].num_cpus"),
+        ([{"name": "a", "r_max": 2, "exit": "zz:1"}], {}, "tiers[0].exit"),
+        ([{"name": "a", "r_max": 2, "exit": "latent:0.1:3"}], {}, "exit.min_recur=3 exceeds r_max=2"),
+        ([{"name": "a", "r_max": 2, "exit_threshold": 0.1}], {}, "exit_threshold is replaced by exit"),
+        ([{"name": "a", "r_max": 2, "max_batch_size": 8}], {}, "max_batch_size is replaced by max_running"),
+        ([{"name": "a", "r_max": 2, "max_waiting": 0}], {}, "tiers[0].max_waiting"),
+        (
+            [{"name": "a", "r_max": 2, "max_running": 4, "max_waiting": 4, "max_ongoing_requests": 8}],
+            {},
+            "max_ongoing_requests=8 must be > max_running + max_waiting = 8",
+        ),
         ([], {}, "tiers"),
     ],
 )
@@ -108,10 +146,11 @@ def test_router_picks_the_cheapest_tier_that_fits() -> None:
     assert (router.route(Budget(max_recur=1)).tier, router.route(Budget(max_recur=1)).num_recur) == ("low", 1)
     assert router.route(Budget(max_recur=3)).tier == "medium"
     route = router.route(Budget(max_recur=7))
-    assert (route.tier, route.num_recur, route.kv_cache) == ("high", 7, "exact")
+    assert (route.tier, route.decode) == ("high", DecodeSettings(num_recur=7, exit=ExitRule.parse("kl:0.001:2")))
     assert router.route(Budget(tier="high")).num_recur == 6  # default_recur
-    assert router.route(Budget(tier="medium", max_recur=3)).num_recur == 3
-    assert router.route(Budget()).exit_criterion == "none"  # never the checkpoint's own default
+    assert router.route(Budget(tier="medium", max_recur=3)).decode == DecodeSettings(num_recur=3)
+    # Everything is explicit: the tier's KV strategy, and no exit rule unless the tier or the request sets one.
+    assert router.route(Budget()).decode == DecodeSettings(num_recur=2, kv_cache="final", exit=None)
 
 
 def test_router_overlapping_ranges_prefer_cheap_and_adaptive_exit() -> None:
@@ -119,8 +158,25 @@ def test_router_overlapping_ranges_prefer_cheap_and_adaptive_exit() -> None:
     assert router.route(Budget(max_recur=3)).tier == "cheap"
     assert router.route(Budget(max_recur=9)).tier == "deep"
     route = router.route(Budget(max_recur=9, exit_threshold=1e-3))
-    assert (route.exit_criterion, route.exit_threshold, route.min_recur) == ("latent", 1e-3, 1)
-    assert router.route(Budget(max_recur=9, exit_threshold=1e-3, exit_criterion="kl")).exit_criterion == "kl"
+    assert route.decode.exit == ExitRule(criterion="latent", threshold=1e-3, min_recur=1)
+    assert router.route(Budget(max_recur=9, exit_threshold=1e-3, exit_criterion="kl")).decode.exit.criterion == "kl"
+
+
+def test_router_request_exit_settings_over_the_tier_default() -> None:
+    router = BudgetRouter([TierConfig(**t) for t in TIERS])
+    tier_rule = ExitRule(criterion="kl", threshold=1e-3, min_recur=2)
+    assert router.route(Budget(tier="high")).decode.exit == tier_rule
+    assert router.route(Budget(tier="high", exit_criterion="kl")).decode.exit == tier_rule
+    # The request's threshold keeps the tier's criterion and min_recur; its criterion replaces the tier's.
+    assert router.route(Budget(tier="high", exit_threshold=0.5)).decode.exit == ExitRule(
+        criterion="kl", threshold=0.5, min_recur=2
+    )
+    assert router.route(Budget(max_recur=5, exit_threshold=0.5, exit_criterion="latent")).decode.exit == ExitRule(
+        criterion="latent", threshold=0.5, min_recur=2
+    )
+    # min_recur never exceeds the request's r.
+    clamp = BudgetRouter([TierConfig(name="a", r_max=8, exit="latent:0.1:4")])
+    assert clamp.route(Budget(max_recur=2)).decode.exit == ExitRule(criterion="latent", threshold=0.1, min_recur=2)
 
 
 @pytest.mark.parametrize(
@@ -130,6 +186,9 @@ def test_router_overlapping_ranges_prefer_cheap_and_adaptive_exit() -> None:
         (Budget(max_recur=9), "max_recur"),
         (Budget(max_recur=0), "max_recur"),
         (Budget(tier="low", max_recur=4), "max_recur"),
+        (Budget(exit_criterion="nope", exit_threshold=0.1), "exit_criterion"),
+        (Budget(exit_criterion="kl"), "exit_threshold"),  # the low tier has no kl rule whose threshold could apply
+        (Budget(tier="high", exit_criterion="latent"), "exit_threshold"),
     ],
 )
 def test_router_errors_name_the_field(budget: Budget, param: str) -> None:
@@ -137,7 +196,7 @@ def test_router_errors_name_the_field(budget: Budget, param: str) -> None:
     with pytest.raises(RequestError) as info:
         router.route(budget)
     assert info.value.param == param and info.value.status == 400
-    assert "low [1, 2]" in info.value.message or param == "max_recur"
+    assert "low [1, 2]" in info.value.message or param != "tier"
 
 
 def test_router_gap_between_tiers_is_an_error() -> None:
@@ -160,6 +219,8 @@ def test_router_gap_between_tiers_is_an_error() -> None:
         (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 5}', "temperature"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "max_recur": -1}', "max_recur"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "exit_threshold": 0}', "exit_threshold"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "exit_criterion": "entropy"}', "exit_criterion"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "seed": -1}', "seed"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', "n"),
         (b'{"messages": [{"role": "assistant", "content": "hi"}]}', "messages"),
     ],
@@ -197,10 +258,17 @@ def test_planner_limits_and_rendering(engine: Engine) -> None:
     planner = ChatPlanner(cfg, engine.tokenizer, engine.config.sequence_len)
     msg = [{"role": "user", "content": "hello"}]
     plan = planner.plan(json.dumps({"model": "m", "messages": msg, "max_recur": 7}).encode())
-    assert (plan.route.tier, plan.generation.num_recur, plan.generation.max_tokens) == ("high", 7, 8)
+    assert (plan.route.tier, plan.generation.decode.num_recur, plan.generation.sampling.max_tokens) == ("high", 7, 8)
+    assert plan.generation.decode is plan.route.decode  # one object from the router to the replica's engine
     assert list(plan.generation.prompt) == engine.tokenizer.render_for_completion(
         {"messages": [*msg, {"role": "assistant", "content": ""}]}
     )
+    body = {"messages": msg, "max_recur": 3, "exit_threshold": 0.25, "exit_criterion": "kl", "temperature": 0.5}
+    plan = planner.plan(json.dumps({**body, "seed": 11, "top_k": 5}).encode())
+    assert plan.generation.decode == DecodeSettings(num_recur=3, exit=ExitRule(criterion="kl", threshold=0.25))
+    assert plan.generation.sampling == SamplingParams(max_tokens=8, temperature=0.5, top_k=5, seed=11)
+    seeds = {planner.plan(json.dumps(body).encode()).generation.sampling.seed for _ in range(4)}
+    assert len(seeds) == 4  # without a seed, each request gets its own random stream
     cases = [
         ({"model": "m", "messages": msg, "max_tokens": 33}, "max_tokens", 400),
         ({"model": "other", "messages": msg}, "model", 404),
@@ -240,7 +308,13 @@ class _FakeTokenizer:
         return [1, 2, 3]
 
 
-# --------------------------------------------------------------------------------------------- engine adapter
+def test_error_response_tells_when_to_retry() -> None:
+    body, status, headers = error_response(RequestError(None, "full", status=503, retry_after_s=2))
+    assert (status, headers, body["error"]["message"]) == (503, {"Retry-After": "2"}, "full")
+    assert error_response(RequestError("max_tokens", "too many"))[1:] == (400, {})
+
+
+# ------------------------------------------------------------------------------------------- replica batcher
 def test_token_decoder_holds_back_split_characters(engine: Engine) -> None:
     tok = engine.tokenizer
     ids = tok.encode("é 日本 👍")
@@ -248,50 +322,108 @@ def test_token_decoder_holds_back_split_characters(engine: Engine) -> None:
     dec = TokenDecoder(tok)
     pieces = [dec.piece(i) for i in byte_ids] + [dec.flush()]
     assert pieces[:2] == ["", ""] and "".join(pieces) == "日"
-    dec = TokenDecoder(tok)
-    assert "".join([dec.piece(i) for i in ids] + [dec.flush()]) == "é 日本 👍"
+    assert _decode(tok, ids) == "é 日本 👍"
 
 
-def _req(engine: Engine, text: str, max_tokens: int = 8, r: int = 2, **kw: object) -> GenerationRequest:
-    ids = engine.tokenizer.render_for_completion(
+class _SteppedEngine:
+    """A real ContinuousEngine that records every step's events; while `gated`, each step waits for `allow()`."""
+
+    def __init__(self, engine: ContinuousEngine, gated: bool = False):
+        self._engine = engine
+        self._permits = threading.Semaphore(0)
+        self.gated = gated
+        self.steps: list[list[StepEvent]] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    def allow(self, n: int = 1) -> None:
+        for _ in range(n):
+            self._permits.release()
+
+    def ungate(self) -> None:
+        self.gated = False
+        self._permits.release()  # the step that may be waiting
+
+    def step(self) -> list[StepEvent]:
+        if self.gated:
+            self._permits.acquire()
+        events = self._engine.step()
+        self.steps.append(events)
+        return events
+
+
+def _batcher(eng: Engine, tier: TierConfig, gated: bool = False, **kw: object) -> tuple[ReplicaBatcher, _SteppedEngine]:
+    """A replica's batcher over a real engine built from `tier`, as serve.app.TierModel builds it."""
+    core = ContinuousEngine(eng.model, eng.tokenizer, **tier.engine_options(eng.config.sequence_len))
+    stepped = _SteppedEngine(core, gated)
+    return ReplicaBatcher(stepped, retry_after_s=tier.retry_after_s, **kw), stepped  # type: ignore[arg-type]
+
+
+def _req(
+    eng: Engine, text: str, max_tokens: int = 8, r: int = 2, temperature: float = 0.0, seed: int = 0, **decode: object
+) -> GenerationRequest:
+    ids = eng.tokenizer.render_for_completion(
         {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]}
     )
-    return GenerationRequest(tuple(ids), max_tokens, r, **kw)  # type: ignore[arg-type]
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    return GenerationRequest(tuple(ids), sampling, DecodeSettings(num_recur=r, **decode))  # type: ignore[arg-type]
 
 
-def test_batching_matches_the_engine_alone(engine: Engine) -> None:
-    """Greedy decoding through the batcher (concurrent requests of different lengths, one batch) gives each request
-    exactly what the Engine gives it alone."""
-    texts = ["hi", "what is a list comprehension", "tell me more about python dictionaries please", "x"]
-    reqs = [_req(engine, t, max_tokens=6 + i, temperature=0.0) for i, t in enumerate(texts)]
+def _generate_all(batcher: ReplicaBatcher, reqs: list[GenerationRequest]) -> list[Completion]:
+    async def run() -> list[Completion]:
+        return await asyncio.wait_for(asyncio.gather(*(batcher.generate(r) for r in reqs)), 60)
 
-    async def run() -> tuple[list[Completion], int]:
-        batcher = BatchingEngine(engine, max_batch_size=8, batch_wait_timeout_s=0.05)
-        out = await asyncio.gather(*(batcher.generate(r) for r in reqs))
-        return out, batcher.batches_run
-
-    done, batches = asyncio.run(run())
-    assert batches == 1
-    for req, got in zip(reqs, done, strict=True):
-        alone = engine.generate_batch([list(req.prompt)], max_tokens=req.max_tokens, temperature=0.0, num_recur=2)[0]
-        assert got.text == alone.text and got.recurs == alone.recurs
-        assert got.finish_reason == alone.finish_reason and got.batch_size == 4
-        assert got.completion_tokens == len(alone.tokens) <= req.max_tokens
+    return asyncio.run(run())
 
 
-def test_stream_chunks_add_up_and_incompatible_requests_batch_apart(engine: Engine) -> None:
-    async def run() -> tuple[list[list[StreamChunk | Completion]], int]:
-        batcher = BatchingEngine(engine, max_batch_size=8, batch_wait_timeout_s=0.05)
+def _decode(tokenizer: object, ids: list[int]) -> str:
+    """Text as the batcher streams it (incrementally, a split character as U+FFFD)."""
+    dec = TokenDecoder(tokenizer)
+    return "".join([dec.piece(i) for i in ids] + [dec.flush()])
 
+
+WIDE = TierConfig(name="wide", r_min=1, r_max=4)
+
+
+def test_requests_batched_together_return_exactly_what_they_return_alone(engine64: Engine) -> None:
+    """Concurrent requests with different r, exit rules, temperatures, seeds and lengths share the replica's engine
+    steps, and each returns exactly what it returns alone (float64, so rounding cannot flip a token)."""
+    reqs = [
+        _req(engine64, "hi", 10, r=1),
+        _req(engine64, "what is a list comprehension", 12, r=4),
+        _req(engine64, "tell me more about python dictionaries please", 9, r=3, exit=ExitRule.parse("latent:1e9:2")),
+        _req(engine64, "x", 11, r=4, exit=ExitRule.parse("kl:1e9")),
+        _req(engine64, "sample me", 10, r=2, temperature=0.9, seed=7),
+        _req(engine64, "sample me", 10, r=2, temperature=0.9, seed=8),
+    ]
+    batcher, core = _batcher(engine64, WIDE)
+    together = _generate_all(batcher, reqs)
+    assert max(len({ev.seq_id for ev in step}) for step in core.steps) == len(reqs)  # all in one step at some point
+    for req, got in zip(reqs, together, strict=True):
+        alone = _generate_all(_batcher(engine64, WIDE)[0], [req])[0]
+        assert (got.text, got.recurs, got.finish_reason) == (alone.text, alone.recurs, alone.finish_reason)
+        assert got.completion_tokens == len(got.recurs) <= req.sampling.max_tokens
+        if req.sampling.temperature == 0:  # and what the one-shot Engine gives it
+            ref = engine64.generate_batch(
+                [list(req.prompt)], max_tokens=req.sampling.max_tokens, temperature=0.0, decode=req.decode
+            )[0]
+            assert (got.text, got.recurs) == (_decode(engine64.tokenizer, ref.tokens), ref.recurs)
+    assert together[4].text != together[5].text  # the seed, not the batch, decides what is sampled
+    assert together[2].recurs[1:] == [2] * (len(together[2].recurs) - 1)  # exit rule: min_recur, then converged
+
+
+def test_stream_chunks_add_up_and_budgets_are_per_request(engine: Engine) -> None:
+    batcher, _ = _batcher(engine, WIDE)
+
+    async def run() -> list[list[StreamChunk | Completion]]:
         async def collect(req: GenerationRequest) -> list[StreamChunk | Completion]:
             return [ev async for ev in batcher.stream(req)]
 
         reqs = [_req(engine, "a", 10, r=1), _req(engine, "b", 10, r=3), _req(engine, "c", 10, r=1)]
-        return await asyncio.gather(*(collect(r) for r in reqs)), batcher.batches_run
+        return await asyncio.gather(*(collect(r) for r in reqs))
 
-    streams, batches = asyncio.run(run())
-    assert batches == 2  # r=1 twice in one batch, r=3 in another
-    for events, r in zip(streams, (1, 3, 1), strict=True):
+    for events, r in zip(asyncio.run(run()), (1, 3, 1), strict=True):
         *chunks, end = events
         assert isinstance(end, Completion) and all(isinstance(c, StreamChunk) for c in chunks)
         assert "".join(c.text for c in chunks) == end.text
@@ -299,72 +431,151 @@ def test_stream_chunks_add_up_and_incompatible_requests_batch_apart(engine: Engi
 
 
 def test_adaptive_exit_spends_fewer_recurrences(engine: Engine) -> None:
-    req = _req(engine, "hello", 12, r=4, exit_criterion="latent", exit_threshold=1e9, min_recur=1, temperature=0.0)
-    done = asyncio.run(BatchingEngine(engine).generate(req))
+    req = _req(engine, "hello", 12, r=4, exit=ExitRule(criterion="latent", threshold=1e9))
+    (done,) = _generate_all(_batcher(engine, WIDE)[0], [req])
     assert done.recurs[0] == 4  # the first token comes from the prefill, which always runs the full r
     assert set(done.recurs[1:]) == {1} and done.mean_recur < 4
 
 
-def test_batch_never_cuts_a_request_short(engine: Engine) -> None:
-    """A long prompt would leave a short one fewer steps than it asked for: they must not share a batch."""
+def test_a_long_prompt_never_cuts_a_short_request_short(engine: Engine) -> None:
     seq = engine.config.sequence_len
-    long_req = GenerationRequest(tuple([engine.bos] + [300] * (seq - 5)), 4, 2, temperature=0.0)
-    short_req = _req(engine, "hi", 20, temperature=0.0)
-
-    async def run() -> tuple[list[Completion], int]:
-        batcher = BatchingEngine(engine, max_batch_size=8, batch_wait_timeout_s=0.05)
-        return await asyncio.gather(batcher.generate(long_req), batcher.generate(short_req)), batcher.batches_run
-
-    (long_done, short_done), batches = asyncio.run(run())
-    assert batches == 2
+    long_req = GenerationRequest(
+        (engine.bos, *[300] * (seq - 5)), SamplingParams(max_tokens=4, temperature=0.0), DecodeSettings(num_recur=2)
+    )
+    short_req = _req(engine, "hi", 20)
+    long_done, short_done = _generate_all(_batcher(engine, WIDE)[0], [long_req, short_req])
     assert long_done.completion_tokens <= 4
     alone = engine.generate_batch([list(short_req.prompt)], max_tokens=20, temperature=0.0, num_recur=2)[0]
-    assert short_done.text == alone.text
+    assert short_done.text == _decode(engine.tokenizer, alone.tokens)
+    assert short_done.completion_tokens == len(alone.tokens)
 
 
-def test_cancelled_stream_stops_its_batch_and_errors_are_request_errors(engine: Engine) -> None:
-    async def run() -> BatchingEngine:
-        batcher = BatchingEngine(engine, batch_wait_timeout_s=0)
-        gen = batcher.stream(_req(engine, "hi", 60))
-        first = await gen.__anext__()
-        assert isinstance(first, StreamChunk)
+def test_a_full_queue_is_refused_at_once_with_retry_after(engine: Engine) -> None:
+    """One row and one waiting slot: of three concurrent requests at least one is refused (503, Retry-After) while
+    the first still runs, and every request ends (no hang)."""
+    tier = TierConfig(name="tight", r_max=2, max_running=1, max_waiting=1, retry_after_s=3)
+    batcher, _ = _batcher(engine, tier)
+
+    async def run() -> list[tuple[str, float]]:
+        t0 = asyncio.get_running_loop().time()
+
+        async def one(i: int) -> tuple[str, float]:
+            try:
+                await batcher.generate(_req(engine, f"request {i}", 30))
+                outcome = "ok"
+            except RequestError as exc:
+                assert (exc.status, exc.retry_after_s) == (503, 3)
+                outcome = "refused"
+            return outcome, asyncio.get_running_loop().time() - t0
+
+        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(3))), 60)
+
+    results = asyncio.run(run())
+    refused = [t for o, t in results if o == "refused"]
+    ok = [t for o, t in results if o == "ok"]
+    assert refused and ok and max(refused) < min(ok)
+    assert batcher.stats().rejected == len(refused)
+
+
+def test_a_cancelled_stream_frees_its_row_at_the_next_step(engine: Engine) -> None:
+    batcher, core = _batcher(engine, WIDE, gated=True, stats_interval_s=0.0)
+
+    async def wait_steps(n: int) -> None:
+        while batcher.stats().steps < n:
+            await asyncio.sleep(0.002)
+
+    async def run() -> None:
+        gen = batcher.stream(_req(engine, "hi", 40))
+        first = asyncio.ensure_future(gen.__anext__())
+        core.allow()  # the prefill step: the first token
+        assert isinstance(await first, StreamChunk)
+        await wait_steps(1)  # the snapshot is published right after the step's tokens went out
+        assert batcher.stats().running == 1 and batcher.stats().kv_blocks_used > 0
         await gen.aclose()  # the client went away
-        done = await batcher.generate(_req(engine, "again", 3))  # the replica keeps serving
+        steps_at_close = batcher.stats().steps
+        for extra in (1, 2):  # the engine may already be inside one more step when the cancel arrives
+            core.allow()
+            await wait_steps(steps_at_close + extra)
+            if batcher.stats().running == 0:
+                break
+        assert batcher.stats().running == 0 and batcher.stats().kv_blocks_used == 0
+        reasons = [ev.finish_reason for step in core.steps for ev in step if ev.finished]
+        assert reasons == ["cancelled"]
+        core.ungate()  # the replica keeps serving
+        done = await asyncio.wait_for(batcher.generate(_req(engine, "again", 3)), 30)
         assert done.completion_tokens <= 3
-        with pytest.raises(RequestError) as info:
-            await batcher.generate(GenerationRequest(tuple(range(1, 70)), 4, 2))
-        assert info.value.param == "messages" and "context" in info.value.message
-        assert batcher.queue_length == 0 and batcher.healthy()
-        return batcher
+
+    try:
+        asyncio.run(run())
+    finally:
+        core.ungate()  # never leave the engine thread blocked
+
+
+def test_requests_that_cannot_run_are_request_errors_naming_the_field(engine: Engine) -> None:
+    tier = TierConfig(name="small", r_max=2, kv_tokens=32)
+    batcher, _ = _batcher(engine, tier)
+    cases = [
+        (GenerationRequest(tuple(range(1, 70)), SamplingParams(max_tokens=4), DecodeSettings(num_recur=2)), "messages"),
+        (_req(engine, "hi", 4, r=3), "max_recur"),  # deeper than the tier's r_max
+        (_req(engine, "hi", 40), "max_tokens"),  # prompt + max_tokens exceed the 32-token KV pool
+    ]
+
+    async def run() -> None:
+        for req, param in cases:
+            with pytest.raises(RequestError) as info:
+                await batcher.generate(req)
+            assert (info.value.param, info.value.status) == (param, 400), info.value.message
+        assert (await batcher.generate(_req(engine, "ok", 4))).completion_tokens <= 4
 
     asyncio.run(run())
+    assert batcher.healthy()
+
+
+def test_a_failing_engine_fails_its_requests_and_the_replica_turns_unhealthy(engine: Engine) -> None:
+    batcher, core = _batcher(engine, WIDE)
+
+    def broken_step() -> list[StepEvent]:
+        raise RuntimeError("device lost")
+
+    core.step = broken_step  # type: ignore[method-assign]
+
+    async def run() -> None:
+        with pytest.raises(RequestError) as info:
+            await asyncio.wait_for(batcher.generate(_req(engine, "hi", 4)), 30)
+        assert info.value.status == 503 and "device lost" in info.value.message
+        with pytest.raises(RequestError):  # refused at once from now on
+            await asyncio.wait_for(batcher.generate(_req(engine, "again", 4)), 5)
+
+    asyncio.run(run())
+    assert not batcher.healthy()
 
 
 class _RecordingMetrics:
     def __init__(self) -> None:
-        self.calls: list[tuple[str, object]] = []
+        self.loads: list[tuple[EngineSnapshot, float, float]] = []
+        self.requests: list[Completion] = []
 
-    def queue_length(self, n: int) -> None:
-        self.calls.append(("queue", n))
-
-    def batch_finished(self, size: int, tokens: int, seconds: float) -> None:
-        self.calls.append(("batch", size))
+    def engine_load(self, snapshot: EngineSnapshot, tokens_per_s: float, mean_recur: float) -> None:
+        self.loads.append((snapshot, tokens_per_s, mean_recur))
 
     def request_finished(self, completion: Completion) -> None:
-        self.calls.append(("request", completion.completion_tokens))
+        self.requests.append(completion)
 
 
-def test_metrics_sink_sees_batches_and_requests(engine: Engine) -> None:
+def test_metrics_sink_sees_engine_load_and_requests(engine: Engine) -> None:
     metrics = _RecordingMetrics()
-
-    async def run() -> None:
-        batcher = BatchingEngine(engine, batch_wait_timeout_s=0.05, metrics=metrics)
-        await asyncio.gather(*(batcher.generate(_req(engine, str(i), 4)) for i in range(3)))
-        await asyncio.sleep(0.1)  # the batch is reported after its requests were answered
-
-    asyncio.run(run())
-    kinds = [k for k, _ in metrics.calls]
-    assert kinds.count("request") == 3 and ("batch", 3) in metrics.calls and ("queue", 3) in metrics.calls
+    batcher, _ = _batcher(engine, WIDE, metrics=metrics, stats_interval_s=0.0)
+    done = _generate_all(batcher, [_req(engine, str(i), 6, r=3) for i in range(3)])
+    batcher.close()  # joins the engine thread: its report after the last step is in
+    assert sorted(c.completion_tokens for c in metrics.requests) == sorted(c.completion_tokens for c in done)
+    assert all(c.first_token_s > 0 for c in metrics.requests)
+    assert max(s.running for s, _, _ in metrics.loads) == 3
+    assert max(s.kv_blocks_used for s, _, _ in metrics.loads) > 0
+    busy = [(tps, r) for s, tps, r in metrics.loads if tps > 0]
+    assert busy and all(r == 3 for _, r in busy)  # every token ran r = 3 recurrences
+    idle, _, _ = metrics.loads[-1]
+    assert (idle.running, idle.waiting, idle.kv_blocks_used) == (0, 0, 0)
+    assert idle.kv_blocks_total == batcher.engine.pool.num_blocks
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -378,26 +589,30 @@ def test_load_local_checkpoint_verifies_the_manifest(ckpt_dir: Path, tmp_path: P
     (bad / "config.json").write_text((bad / "config.json").read_text() + " ")
     with pytest.raises(CheckpointError, match="config.json"):
         load_engine(str(bad))
-    with pytest.raises(CheckpointError, match="does not exist"):
-        fetch_checkpoint(str(tmp_path / "missing"))
+    with pytest.raises(CheckpointError, match="no such directory"):
+        load_engine(str(tmp_path / "missing"))
 
 
 def test_s3_checkpoint_is_downloaded_once_per_node(ckpt_dir: Path, s3_bucket: S3Bucket, tmp_path: Path) -> None:
-    from pipelines.storage import Storage
+    from checkpoints import Storage
 
     storage = Storage(s3_bucket.config())
     storage.upload_dir(ckpt_dir, storage.join("run", "final"))
     uri = f"{s3_bucket.uri}/run/final?endpoint_override={s3_bucket.endpoint_url.removeprefix('http://')}&scheme=http"
-    first = fetch_checkpoint(uri, tmp_path / "cache")
-    assert (first / "manifest.json").is_file()
-    (first / "marker").write_text("cached")
-    assert fetch_checkpoint(uri, tmp_path / "cache") == first and (first / "marker").is_file()  # cache hit
-    assert load_engine(uri, tmp_path / "cache").config.sequence_len == 64
+    cache = tmp_path / "cache"
+    tokenizer, config = load_tokenizer_and_config(uri, cache)  # the ingress: no weights on its node
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in entry.iterdir()) == ["config.json", "manifest.json", "tokenizer"]
+    assert config.sequence_len == 64 and tokenizer.vocab_size == config.vocab_size
+    first = load_engine(uri, cache)  # a replica on the same node adds the weights to the same entry
+    assert first.path == entry and first.config.sequence_len == 64
+    inode = os.stat(entry / "model.safetensors").st_ino
+    assert load_engine(uri, cache).path == entry and os.stat(entry / "model.safetensors").st_ino == inode  # hit
     with pytest.raises(CheckpointError, match="manifest"):
         fetch_checkpoint(
             f"{s3_bucket.uri}/nothing-here?endpoint_override="
             f"{s3_bucket.endpoint_url.removeprefix('http://')}&scheme=http",
-            tmp_path / "cache",
+            cache_dir=cache,
         )
 
 
@@ -431,9 +646,37 @@ def test_cli_reports_config_errors_in_one_line(tmp_path: Path, capsys: pytest.Ca
 def test_terminal_chat_streams_with_engine(ckpt_dir: Path) -> None:
     from serve.chat import ChatSettings, run_chat
 
-    inputs = iter(["hello there", "/r 3", "/exit 0.5", "and again", "/reset", "/quit"])
+    inputs = iter(["hello there", "/r 3", "/exit 0.5", "/exit kl:1e-3:2", "/r 0", "and again", "/reset", "/quit"])
     out = io.StringIO()
-    code = run_chat(str(ckpt_dir), ChatSettings(max_tokens=5, num_recur=2), input_fn=lambda _: next(inputs), out=out)
+    settings = ChatSettings(decode=DecodeSettings(num_recur=2), max_tokens=5)
+    code = run_chat(load_engine(str(ckpt_dir)), settings, input_fn=lambda _: next(inputs), out=out)
     text = out.getvalue()
-    assert code == 0 and text.count("bot> ") == 2 and "(r = 3)" in text and "(conversation cleared)" in text
+    assert code == 0 and text.count("bot> ") == 2 and "(conversation cleared)" in text
     assert "mean r 2.00" in text  # first answer at r = 2, no adaptive exit
+    # /exit X keeps the criterion (the first registered one when none was set); a bad /r names the field
+    assert "(decode r3)" in text and "(decode r3 latent:0.5)" in text and "(decode r3 kl:0.001:2)" in text
+    assert "DecodeSettings.num_recur=0 is invalid" in text
+    assert settings.decode == DecodeSettings(num_recur=3, exit=ExitRule(criterion="kl", threshold=1e-3, min_recur=2))
+
+
+def test_chat_flags_change_only_what_they_name() -> None:
+    import argparse
+
+    from serve.cli import add_serve_subcommands, chat_decode
+
+    parser = argparse.ArgumentParser()
+    add_serve_subcommands(parser.add_subparsers(dest="command"))
+    base = DecodeSettings(num_recur=4, kv_cache="ring:2", exit=ExitRule.parse("latent:1e-3"), warm_start=True)
+
+    def decode(*flags: str) -> DecodeSettings:
+        return chat_decode(base, parser.parse_args(["chat", "--checkpoint", "/c", *flags]))
+
+    assert decode() == base
+    assert decode("--recur", "8", "--exit", "kl:5e-4") == base.replace(num_recur=8, exit=ExitRule.parse("kl:5e-4"))
+    assert decode("--exit", "off", "--no-warm-start", "--kv-cache", "final") == base.replace(
+        exit=None, warm_start=False, kv_cache="final"
+    )
+    with pytest.raises(ValueError, match="kv_cache='ring:x'"):
+        decode("--kv-cache", "ring:x")
+    with pytest.raises(SystemExit):
+        decode("--exit", "entropy:1")  # not a registered criterion: argparse refuses it with the reason

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from recursive_model.calculator import calculate
+from recursive_model.recurrence import ExitRule
 from recursive_model.tasks import (
     ARC,
     GSM8K,
@@ -84,13 +85,34 @@ def test_generated_tasks_are_deterministic_per_seed():
         assert list(a) != list(c), name
 
 
+_PART_MARKERS = {
+    "python": ("<|python_start|>", "<|python_end|>"),
+    "python_output": ("<|output_start|>", "<|output_end|>"),
+}
+
+
+def _assert_renders_as_prompt_plus_answer(tokenizer: Tokenizer, conversation: dict) -> None:
+    """The full render is the completion prompt followed by the last assistant turn, trained on except tool output."""
+    ids, mask = tokenizer.render_conversation(conversation, max_tokens=10**9)
+    prompt = tokenizer.render_for_completion(conversation)
+    assert len(ids) == len(mask)
+    assert prompt[-1] == tokenizer.encode_special("<|assistant_start|>") and ids[: len(prompt)] == prompt
+    content = conversation["messages"][-1]["content"]
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    shown, trained = "", ""
+    for part in parts:
+        start, end = _PART_MARKERS.get(part["type"], ("", ""))
+        shown += start + part["text"] + end
+        trained += "" if part["type"] == "python_output" else start + part["text"] + end
+    answer, answer_mask = ids[len(prompt) :], mask[len(prompt) :]
+    assert tokenizer.decode(answer) == shown + "<|assistant_end|>"
+    assert tokenizer.decode([t for t, m in zip(answer, answer_mask, strict=True) if m]) == trained + "<|assistant_end|>"
+
+
 def test_generated_conversations_render_with_the_real_tokenizer(tokenizer):
     for name in GENERATED:
-        task = build_task(name, size=40)
-        for conversation in task:
-            ids, mask = tokenizer.render_conversation(conversation)
-            assert len(ids) == len(mask) and sum(mask) > 0
-            assert tokenizer.render_for_completion(conversation)[-1] == tokenizer.encode_special("<|assistant_start|>")
+        for conversation in build_task(name, size=40):
+            _assert_renders_as_prompt_plus_answer(tokenizer, conversation)
 
 
 def test_loaded_conversations_render_with_the_real_tokenizer(tokenizer):
@@ -102,9 +124,9 @@ def test_loaded_conversations_render_with_the_real_tokenizer(tokenizer):
         SmolTalk(source=fixture("smoltalk.jsonl")),
     ]
     for task in tasks:
+        assert len(task) > 0, task.name
         for conversation in task:
-            tokenizer.render_conversation(conversation)
-            tokenizer.render_for_completion(conversation)
+            _assert_renders_as_prompt_plus_answer(tokenizer, conversation)
 
 
 # ---------------------------------------------------------------------------------------------------- generated sets
@@ -576,15 +598,17 @@ def test_run_generative_accuracy_and_mean_recurrences():
     answers = {tuple(tokenizer.render_for_completion(c)): (i, c["messages"][-1]["content"]) for i, c in enumerate(task)}
     engine = HalfRightEngine(answers)
     result = run_generative(
-        engine, tokenizer, task, num_recur=4, max_tokens=8, exit_criterion="kl", exit_threshold=0.01,
+        engine, tokenizer, task, num_recur=4, max_tokens=8, exit=ExitRule(criterion="kl", threshold=0.01),
         batch_size=4, kv_cache="exact",
     )  # fmt: skip
     assert result.accuracy == 0.5 and result.num_correct == 5 and result.total == 10
     assert result.mean_recur == 3.0 and result.tokens_generated == 20
     assert len(engine.calls) == 3
     call = engine.calls[0]
-    assert (call["num_recur"], call["max_tokens"], call["exit_criterion"], call["exit_threshold"]) == (4, 8, "kl", 0.01)
+    assert (call["num_recur"], call["max_tokens"], call["exit"]) == (4, 8, ExitRule(criterion="kl", threshold=0.01))
     assert call["temperature"] == 0.0 and call["kv_cache"] == "exact"
     assert run_generative(engine, tokenizer, task, max_problems=2).total == 2
+    # Without a rule, exit=None is passed on explicitly: an exit rule in the checkpoint's config must not apply.
+    assert "exit" in engine.calls[-1] and engine.calls[-1]["exit"] is None
     with pytest.raises(ValueError, match="generative"):
         run_generative(engine, tokenizer, MMLU(source=fixture("mmlu.jsonl")))

@@ -131,6 +131,16 @@ def test_encode_prepend_append_and_batch(tok: Tokenizer) -> None:
         tok.encode("x", prepend=tok.vocab_size)
 
 
+@pytest.mark.parametrize("bad", ["vocab_size", -1, 10**20])
+def test_decode_of_an_out_of_range_id_names_the_id_and_the_range(tok: Tokenizer, bad) -> None:
+    bad = tok.vocab_size if bad == "vocab_size" else bad
+    ids = [*tok.encode("ok"), bad, 0]
+    with pytest.raises(ValueError, match=rf"ids\[{len(ids) - 2}\]={bad} is out of range \[0, {tok.vocab_size}\)"):
+        tok.decode(ids)
+    last = tok.vocab_size - 1  # the top of the range is valid: the last special token
+    assert tok.decode([last]) == SPECIAL_TOKENS[-1]
+
+
 def test_save_load_identical(tok: Tokenizer, texts: list[str], tmp_path) -> None:
     names = tok.save(tmp_path / "tokenizer")
     assert names == [TOKENIZER_FILE]

@@ -3,7 +3,7 @@
 run_categorical: one forward pass per batch; the answer is the choice letter with the highest logit at the position
   right after `render_for_completion` (nanochat's ChatCORE categorical eval, no sampling).
 run_generative: `engine.generate_batch` on the rendered prompts, graded by `task.evaluate`; also reports the mean
-  number of recurrences per generated token, which differs from num_recur when an exit criterion is on.
+  number of recurrences per generated token, which differs from num_recur when an exit rule is on.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from recursive_model.recurrence import ExitRule
 from recursive_model.tasks.base import Task
 from recursive_model.tasks.scoring import EvalResult
 
@@ -91,8 +92,7 @@ def run_generative(
     task: Task,
     num_recur: int | None = None,
     max_tokens: int = 256,
-    exit_criterion: str | None = None,
-    exit_threshold: float | None = None,
+    exit: ExitRule | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
     seed: int = 0,
@@ -102,7 +102,9 @@ def run_generative(
 ) -> EvalResult:
     """Accuracy of generated completions under `task.evaluate`, plus mean recurrences per generated token.
 
-    Extra keyword arguments (kv_cache, min_recur, warm_start) go to `engine.generate_batch` unchanged.
+    `exit` is the adaptive exit rule; None means every token runs num_recur recurrences, whatever the checkpoint's
+    config says (it is always passed on, so a fixed-r score never becomes adaptive by inheritance).
+    Extra keyword arguments (kv_cache, warm_start) go to `engine.generate_batch` unchanged.
     """
     if task.eval_type != "generative":
         raise ValueError(f"run_generative needs a generative task, {task.name} is {task.eval_type!r}")
@@ -118,8 +120,7 @@ def run_generative(
             top_k=top_k,
             seed=seed + start,  # distinct per batch, identical across runs
             num_recur=num_recur,
-            exit_criterion=exit_criterion,
-            exit_threshold=exit_threshold,
+            exit=exit,
             **engine_kwargs,
         )
         if len(results) != len(prompts):
