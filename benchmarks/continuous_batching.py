@@ -4,7 +4,8 @@
     `adaptive_time_ratio` = wall time adaptive / fixed; `mean_recur_ratio` = mean recurrences used / r_max.
     Goal: adaptive_time_ratio <= mean_recur_ratio + 0.15 (compute follows exits; the rest is per-token overhead that
     does not shrink with r: prelude, coda, sampling).
-(b) A trace of 64 requests with Poisson arrivals, budgets r in 1..8, prompt lengths and max_tokens mixed, replayed in
+(b) A trace of 64 requests with Poisson arrivals (mean gap = a request's time alone / 8, measured first, so the
+    offered load is the same on any machine), budgets r in 1..8, prompt lengths and max_tokens mixed, replayed in
     real time against one ContinuousEngine and against a static batcher (the policy the serve layer used before: a
     batch holds requests of equal settings, starts when the engine is idle and runs until its last row ends;
     arrivals wait). Both run on the same model code, so the ratio isolates the scheduling policy.
@@ -33,6 +34,8 @@ from recursive_model import GPT, GPTConfig
 from recursive_model.batching import ContinuousEngine, SamplingParams
 from recursive_model.recurrence import DecodeSettings, ExitRule
 from recursive_model.tokenizer import SPECIAL_TOKENS
+
+OFFERED_CONCURRENCY = 8  # requests in flight on average if each were served alone
 
 
 class IdsOnly:
@@ -167,16 +170,17 @@ def _replay(trace, submit, step, busy) -> dict:
             "outputs": out}
 
 
+def run_alone(model: GPT, tok: IdsOnly, q: dict) -> list[tuple[int, int]]:
+    eng = ContinuousEngine(model, tok, max_recur=8, kv_tokens=256, prefill_chunk=64)
+    eng.submit(q["prompt"], SamplingParams(max_tokens=q["max_tokens"], temperature=0.0), q["decode"])
+    out = []
+    while eng.has_work:
+        out += [(ev.step.token, ev.step.num_recur) for ev in eng.step() if ev.step is not None]
+    return out
+
+
 def check_invariance(model: GPT, tok: IdsOnly, trace: list[dict], outputs: dict, n: int) -> bool:
-    for q in trace[:n]:
-        eng = ContinuousEngine(model, tok, max_recur=8, kv_tokens=256, prefill_chunk=64)
-        eng.submit(q["prompt"], SamplingParams(max_tokens=q["max_tokens"], temperature=0.0), q["decode"])
-        alone = []
-        while eng.has_work:
-            alone += [(ev.step.token, ev.step.num_recur) for ev in eng.step() if ev.step is not None]
-        if alone != outputs[q["i"]]:
-            return False
-    return True
+    return all(run_alone(model, tok, q) == outputs[q["i"]] for q in trace[:n])
 
 
 def main() -> None:
@@ -188,10 +192,10 @@ def main() -> None:
     torch.manual_seed(0)
     if args.quick:
         cfg = GPTConfig.from_preset("tiny", recurrence=dict(r_max=16))
-        batch, new_tokens, reps, n_req, gap = 4, 6, 1, 10, 0.002
+        batch, new_tokens, reps, n_req = 4, 6, 1, 10
     else:
         cfg = GPTConfig.from_preset("cpu-small", recurrence=dict(r_max=16))
-        batch, new_tokens, reps, n_req, gap = 16, 48, 5, 64, 0.03
+        batch, new_tokens, reps, n_req = 16, 48, 5, 64
     model = contractive_model(cfg)
     tok = IdsOnly(cfg.vocab_size)
     exit_part = batch_exit(model, tok, batch, 16, new_tokens, threshold=0.02, reps=reps)
@@ -199,6 +203,12 @@ def main() -> None:
     wide_cfg = GPTConfig.from_preset("tiny" if args.quick else "cpu-small", recurrence=dict(r_max=16),
                                      n_embd=4 * cfg.n_embd, n_head=4 * cfg.n_head, n_kv_head=4 * cfg.n_kv_head)
     exit_wide = batch_exit(contractive_model(wide_cfg), tok, batch, 16, new_tokens, threshold=0.02, reps=reps)
+    # Offered load independent of the machine's speed: arrivals every (a request's time alone) / CONCURRENCY on average.
+    probe = make_trace(8, cfg.vocab_size, seed=2, mean_gap_s=1.0)
+    t0 = time.perf_counter()
+    for q in probe:
+        run_alone(model, tok, q)
+    gap = (time.perf_counter() - t0) / len(probe) / OFFERED_CONCURRENCY
     trace = make_trace(n_req, cfg.vocab_size, seed=1, mean_gap_s=gap)
     cont = replay_continuous(model, tok, trace)
     static = replay_static(model, tok, trace)
@@ -214,7 +224,8 @@ def main() -> None:
         "adaptive_exit_wide": exit_wide,
         "adaptive_time_ratio": exit_part["adaptive_time_ratio"],
         "mean_recur_ratio": exit_part["mean_recur_ratio"],
-        "trace": {"requests": n_req, "mean_gap_s": gap, "continuous": cont, "static": static},
+        "trace": {"requests": n_req, "mean_gap_s": gap, "offered_concurrency": OFFERED_CONCURRENCY,
+                  "continuous": cont, "static": static},
         "throughput_vs_static": cont["tokens_per_s"] / static["tokens_per_s"],
         "ttft_p50_s": {"continuous": cont["ttft_p50_s"], "static": static["ttft_p50_s"]},
         "ttft_p99_s": {"continuous": cont["ttft_p99_s"], "static": static["ttft_p99_s"]},

@@ -17,6 +17,7 @@ batch size x context length rectangle. `KVPool` owns the blocks; a `SequenceKV` 
 length; `BatchKV` is what one forward call over some rows needs (block table, positions, mask).
 
 Shapes: B=rows, H=kv heads, T=new tokens, L=visible key length, Dh=head dim, NB=blocks in the pool, S=block size.
+Pool layout: (layers, NB, S, H, Dh).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class KVPool:
         self.n_prelude, self.n_recur, self.n_coda = config.n_prelude, config.n_recur, config.n_coda
         self.n_layers = self.n_prelude + self.n_recur * self.n_slots + self.n_coda
         self.block_size, self.num_blocks = block_size, num_blocks
-        shape = (self.n_layers, num_blocks, config.n_kv_head, block_size, config.head_dim)
+        # token-major blocks: a run of consecutive blocks is one contiguous (tokens, H, Dh) slab, read without a copy
+        shape = (self.n_layers, num_blocks, block_size, config.n_kv_head, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
@@ -138,6 +140,7 @@ class BatchKV:
         L = table.size(1) * bs
         keys = torch.arange(L, device=positions.device)
         self.mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, L): causal, per row
+        self.span: tuple[int, int] | None = None  # (first block, count) when one row's blocks are consecutive
 
     @classmethod
     def build(cls, pool: KVPool, seqs: list[SequenceKV], T: int, device: torch.device | str) -> BatchKV:
@@ -149,25 +152,34 @@ class BatchKV:
             table[b, :n] = torch.tensor(s.blocks[:n], dtype=torch.long)
         starts = torch.tensor([s.length for s in seqs], dtype=torch.long)
         positions = starts[:, None] + torch.arange(T)[None, :]
-        return cls(pool, table.to(device), positions.to(device))
+        view = cls(pool, table.to(device), positions.to(device))
+        first = seqs[0].blocks[:nb]
+        if len(seqs) == 1 and len(first) == nb and first == list(range(first[0], first[0] + nb)):
+            view.span = (first[0], nb)  # the common single-sequence case: attention reads a slice of the pool
+        return view
 
     def rows(self, idx: torch.Tensor) -> BatchKV:
         """The view of a subset of rows (rows still recurring)."""
         sub = object.__new__(BatchKV)
         sub.pool, sub.table, sub.positions = self.pool, self.table[idx], self.positions[idx]
         sub._blk, sub._off, sub.mask = self._blk[idx], self._off[idx], self.mask[idx]
+        sub.span = self.span if self.table.size(0) == 1 and idx.numel() == 1 else None
         return sub
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, T, Dh) at the rows' positions; return every row's keys/values (B, H, L, Dh)."""
-        pk, pv = self.pool.k[layer], self.pool.v[layer]  # (NB, H, S, Dh)
-        pk[self._blk, :, self._off] = k.transpose(1, 2).to(pk.dtype)
-        pv[self._blk, :, self._off] = v.transpose(1, 2).to(pv.dtype)
+        pk, pv = self.pool.k[layer], self.pool.v[layer]  # (NB, S, H, Dh)
+        pk[self._blk, self._off] = k.transpose(1, 2).to(pk.dtype)
+        pv[self._blk, self._off] = v.transpose(1, 2).to(pv.dtype)
         B, nb = self.table.shape
-        H, S, Dh = pk.shape[1:]
-        keys = pk[self.table].permute(0, 2, 1, 3, 4).reshape(B, H, nb * S, Dh)
-        values = pv[self.table].permute(0, 2, 1, 3, 4).reshape(B, H, nb * S, Dh)
-        return keys, values
+        S, H, Dh = pk.shape[1:]
+        if self.span is not None:
+            first, n = self.span
+            keys, values = pk[first: first + n][None], pv[first: first + n][None]  # views, no copy
+        else:
+            keys, values = pk[self.table], pv[self.table]  # (B, nb, S, H, Dh) gathered
+        # (B, nb*S, H, Dh) -> (B, H, L, Dh): a strided view, which attention reads as is
+        return keys.reshape(B, nb * S, H, Dh).transpose(1, 2), values.reshape(B, nb * S, H, Dh).transpose(1, 2)
 
     def fill_forward(self, used: torch.Tensor) -> None:
         """Copy each row's deepest recurrent entry (recurrence used-1) into the slots above it, at its positions."""
@@ -178,14 +190,15 @@ class BatchKV:
             if u >= pool.n_slots:
                 continue  # every slot was written by this row's own recurrences
             rows = (used == u).nonzero().squeeze(1)
-            blk, off = self._blk[rows], self._off[rows]
+            blk, off = self._blk[rows].reshape(1, -1), self._off[rows].reshape(1, -1)  # (1, N) token entries
             src = pool.slot_for_iter(u - 1)
-            for j in range(pool.n_recur):
-                s_layer = pool.recur_layer(j, src)
-                for dst in range(u, pool.n_slots):
-                    d_layer = pool.recur_layer(j, dst)
-                    pool.k[d_layer][blk, :, off] = pool.k[s_layer][blk, :, off]
-                    pool.v[d_layer][blk, :, off] = pool.v[s_layer][blk, :, off]
+            # One indexed copy per group: every (layer j, slot above u) destination at once.
+            dst = torch.tensor([pool.recur_layer(j, d) for d in range(u, pool.n_slots) for j in range(pool.n_recur)],
+                               device=blk.device)[:, None]
+            srcs = torch.tensor([pool.recur_layer(j, src) for _ in range(u, pool.n_slots) for j in range(pool.n_recur)],
+                                device=blk.device)[:, None]
+            pool.k[dst, blk, off] = pool.k[srcs, blk, off]
+            pool.v[dst, blk, off] = pool.v[srcs, blk, off]
 
 
 class KVCache:
@@ -237,4 +250,4 @@ class KVCache:
         """The cached key (H, Dh) of `row` at position `pos` in cache layer `layer` (for inspection and tests)."""
         seq = self.seqs[row]
         bs = self.pool.block_size
-        return self.pool.k[layer, seq.blocks[pos // bs], :, pos % bs]
+        return self.pool.k[layer, seq.blocks[pos // bs], pos % bs]

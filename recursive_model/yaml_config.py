@@ -127,7 +127,7 @@ def _strip_optional(tp: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------- dataclasses as fields
-def DataclassField(  # noqa: N802 (reads as a type in annotations)
+def DataclassField(  # capitalised: it is used as a type, `recurrence: DataclassField(RecurrenceSampling) | None`
     cls: type,
     parse: Callable[[str], Any] | None = None,
     dump: Callable[[Any], Any] | None = None,

@@ -14,6 +14,7 @@ request logic is in `serve.service`, batching in `serve.batcher`, both testable 
 
 # No `from __future__ import annotations` here: FastAPI must resolve the route annotations (`request: Request`)
 # after Serve has rewritten the ingress methods, and string annotations then turn into query parameters.
+import asyncio
 import dataclasses
 import hmac
 import logging
@@ -32,10 +33,12 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 
 from .batcher import ReplicaBatcher
+from .completions import CompletionPlanner, CompletionStreamFormatter
 from .config import ServeConfig, format_validation_error
 from .generation import Completion, GenerationRequest, StreamChunk
 from .protocol import error_body
 from .router import RequestError
+from .scoring import ScoreRequest, TokenScores
 from .service import ChatPlanner, StreamFormatter, error_response
 
 logger = logging.getLogger("ray.serve")
@@ -78,6 +81,10 @@ class TierModel:
         async for event in self.batcher.stream(request, self.tier.stream_interval_s):
             yield event
 
+    async def score(self, request: ScoreRequest) -> TokenScores:
+        """Log-probabilities from one full forward (off the engine thread; see ReplicaBatcher.score)."""
+        return await self.batcher.score(request)
+
     def info(self) -> dict[str, Any]:
         """Replica identity and load (tests use the actor name to kill a replica)."""
         import ray
@@ -95,7 +102,20 @@ class TierModel:
             raise RuntimeError(f"tier {self.tier.name}: the engine thread stopped")
 
 
-api = FastAPI(title="recursive-gpt", description="OpenAI-compatible chat completions routed by compute budget")
+api = FastAPI(title="recursive-gpt", description="OpenAI-compatible (chat) completions routed by compute budget")
+
+
+class _TierClient:
+    """A tier's deployment handle seen as a `serve.completions.Replica`."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        return await self.handle.generate.remote(request)
+
+    async def score(self, request: ScoreRequest) -> TokenScores:
+        return await self.handle.score.remote(request)
 
 
 @serve.deployment
@@ -110,6 +130,7 @@ class Ingress:
         self.config = ServeConfig.model_validate(config)
         tokenizer, model_config = load_tokenizer_and_config(self.config.checkpoint, self.config.cache_dir)
         self.planner = ChatPlanner(self.config, tokenizer, model_config.sequence_len)
+        self.completion_planner = CompletionPlanner(self.config, tokenizer, model_config.sequence_len)
         self.handles = tiers
         self.stream_handles = {name: h.options(stream=True) for name, h in tiers.items()}
         self.token = self.config.resolve_auth_token()
@@ -143,19 +164,7 @@ class Ingress:
             return self._request_error(exc)
         tier = plan.route.tier
         if plan.request.stream:
-            gen = self.stream_handles[tier].stream.remote(plan.generation)
-            try:
-                first = await gen.__anext__()  # errors before the first token still get a proper status code
-            except Exception as exc:
-                gen.cancel()
-                return self._upstream_error(exc, tier)
-            self.metrics.response(tier, 200)
-            formatter = StreamFormatter(plan, self.config.model_name)
-            return StreamingResponse(
-                self._sse(formatter, first, gen),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return await self._stream(tier, plan.generation, StreamFormatter(plan, self.config.model_name))
         try:
             done = await self.handles[tier].generate.remote(plan.generation)
         except Exception as exc:
@@ -163,8 +172,50 @@ class Ingress:
         self.metrics.response(tier, 200)
         return JSONResponse(self.planner.completion(plan, done))
 
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        if (denied := self._check_auth(request)) is not None:
+            self.metrics.response(None, denied.status_code)
+            return denied
+        planner = self.completion_planner
+        try:
+            plan = planner.plan(await request.body())
+        except RequestError as exc:
+            self.metrics.response(None, exc.status)
+            return self._request_error(exc)
+        tier = plan.route.tier
+        if plan.request.stream:
+            (prompt,) = plan.prompts  # the parser allows one prompt per stream
+            formatter = CompletionStreamFormatter(planner, plan)
+            if prompt.generation is None:  # echo only: the prompt is the whole answer
+                self.metrics.response(tier, 200)
+                end = formatter.event(Completion("length", len(prompt.ids), 0))
+                return StreamingResponse(iter([formatter.start() + end]), media_type="text/event-stream")
+            return await self._stream(tier, prompt.generation, formatter)
+        client = _TierClient(self.handles[tier])
+        try:
+            results = await asyncio.gather(*(planner.run(plan, p, client) for p in plan.prompts))
+        except Exception as exc:
+            return self._upstream_error(exc, tier)
+        self.metrics.response(tier, 200)
+        return JSONResponse(planner.response(plan, list(results)))
+
     # --------------------------------------------------------------------------------------------- helpers
-    async def _sse(self, formatter: StreamFormatter, first: Any, gen: Any) -> AsyncIterator[bytes]:
+    async def _stream(self, tier: str, generation: GenerationRequest, formatter: Any) -> Response:
+        gen = self.stream_handles[tier].stream.remote(generation)
+        try:
+            first = await gen.__anext__()  # errors before the first token still get a proper status code
+        except Exception as exc:
+            gen.cancel()
+            return self._upstream_error(exc, tier)
+        self.metrics.response(tier, 200)
+        return StreamingResponse(
+            self._sse(formatter, first, gen),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _sse(self, formatter: Any, first: Any, gen: Any) -> AsyncIterator[bytes]:
         try:
             yield formatter.start()
             yield formatter.event(first)

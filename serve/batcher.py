@@ -14,18 +14,21 @@ Nothing here imports Ray, so the tests drive it directly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from recursive_model.batching import ContinuousEngine, QueueFull, StepEvent
 
-from .generation import Completion, GenerationRequest, StreamChunk, TokenDecoder
+from .generation import Completion, GenerationRequest, StreamChunk, TokenDecoder, find_stop
 from .router import RequestError
+from .scoring import ScoreRequest, TokenScores, score_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,8 @@ class EngineSnapshot:
     steps: int = 0  # engine steps run
     busy_s: float = 0.0  # time spent in step(); busy_s / wall time = how much of the time the model computes
     rejected: int = 0  # requests refused because the waiting queue was full
+    scored_tokens: int = 0  # tokens scored by full forwards (`ReplicaBatcher.score`), since start
+    scored_recurrences: int = 0  # recurrences of those forwards, per token
 
 
 class MetricsSink(Protocol):
@@ -50,6 +55,7 @@ class MetricsSink(Protocol):
 
     def engine_load(self, snapshot: EngineSnapshot, tokens_per_s: float, mean_recur: float) -> None: ...
     def request_finished(self, completion: Completion) -> None: ...
+    def tokens_scored(self, tokens: int, num_recur: int) -> None: ...  # called on the event loop
 
 
 class _Failed:
@@ -73,6 +79,10 @@ class _Job:
         self.tokens: list[int] = []
         self.recurs: list[int] = []
         self.pieces: list[str] = []
+        self.emitted = 0  # tokens already sent as StreamChunks (a possible stop string holds the rest back)
+        self.text_len = 0  # len("".join(pieces))
+        self.stop_token: int | None = None
+        self.cut = False  # a stop string ended the completion: what the decoder still holds came after it
         self.done = False  # set by the consumer side once it stops reading (finished, failed or went away)
 
 
@@ -111,11 +121,38 @@ class ReplicaBatcher:
         self._reported = (time.perf_counter(), 0, 0.0)  # (when, tokens, recurrences) of the last metrics report
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
+        # Scoring forwards run on their own thread, one at a time: they only read the weights, so they never race
+        # the engine's step, and a burst of them takes one core rather than all of them.
+        self._scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+        self._scored = (0, 0)  # (tokens, recurrences) scored, updated on the event loop
 
     # ------------------------------------------------------------------------------------------------ public
     def stats(self) -> EngineSnapshot:
-        """The engine's load after its latest step."""
-        return self._snapshot
+        """The engine's load after its latest step, and what the scoring forwards computed."""
+        tokens, recurrences = self._scored
+        return dataclasses.replace(self._snapshot, scored_tokens=tokens, scored_recurrences=recurrences)
+
+    async def score(self, req: ScoreRequest) -> TokenScores:
+        """Log-probabilities of `req.ids` from one full forward at `req.num_recur` (see serve.scoring)."""
+        if not req.ids:
+            raise RequestError("prompt", "the prompt is empty")
+        if len(req.ids) > self.sequence_len:
+            raise RequestError(
+                "prompt",
+                f"prompt + completion are {len(req.ids)} tokens; the model's context is {self.sequence_len} tokens",
+                code="context_length_exceeded",
+            )
+        if self.engine.config.is_recursive and req.num_recur > self.engine.max_recur:
+            raise RequestError(
+                "max_recur", f"max_recur={req.num_recur} exceeds this replica's r_max={self.engine.max_recur}"
+            )
+        loop = asyncio.get_running_loop()
+        scores = await loop.run_in_executor(self._scorer, score_tokens, self.engine.model, req)
+        tokens, recurrences = self._scored
+        self._scored = (tokens + len(req.ids), recurrences + len(req.ids) * req.num_recur)
+        if self.metrics is not None:
+            self.metrics.tokens_scored(len(req.ids), req.num_recur)
+        return scores
 
     def healthy(self) -> bool:
         """False once the engine thread stopped (the replica should then be replaced)."""
@@ -173,6 +210,7 @@ class ReplicaBatcher:
         """Stop the engine thread; requests still in flight fail with 503."""
         self._inbox.put(None)
         self._thread.join(timeout=30)
+        self._scorer.shutdown(wait=False)
 
     # ----------------------------------------------------------------------------------------- event-loop side
     def _check(self, req: GenerationRequest) -> None:
@@ -300,31 +338,86 @@ class ReplicaBatcher:
             if ev.step is not None and job.first_token_s is None:
                 job.first_token_s = time.perf_counter() - job.arrived
             # The stop token ends the turn; like Engine.generate_batch, it is not part of the completion.
-            if ev.step is not None and not (ev.finish_reason == "stop" and ev.step.token in stop_ids):
+            stopped = False
+            if ev.step is not None and ev.finish_reason == "stop" and ev.step.token in stop_ids:
+                job.stop_token = ev.step.token
+            elif ev.step is not None:
                 piece = job.decoder.piece(ev.step.token)
                 job.tokens.append(ev.step.token)
                 job.recurs.append(ev.step.num_recur)
                 job.pieces.append(piece)
+                job.text_len += len(piece)
+                stopped = self._match_stop(job, len(piece))
                 if job.streaming:
-                    msgs.append(StreamChunk([ev.step.token], [ev.step.num_recur], [piece]))
-            if ev.finished:
+                    msgs += self._release(job, final=stopped)
+            if stopped and not ev.finished:  # a stop string: the engine row is freed at the next step
+                self.engine.cancel(ev.seq_id)
+            if ev.finished or stopped:
                 del self._jobs[ev.seq_id]
-                if ev.finish_reason != "cancelled":
-                    msgs += self._finish(job, ev.finish_reason or "length")
+                if ev.finish_reason != "cancelled" or stopped:
+                    msgs += self._finish(job, "stop" if stopped else ev.finish_reason or "length")
             if msgs:
                 out.append((job, msgs))
         self._send(out)
 
+    @staticmethod
+    def _match_stop(job: _Job, new_chars: int) -> bool:
+        """Cut the completion before the first stop string, if the newest token completed one."""
+        stop = job.req.stop
+        if not stop:
+            return False
+        text = "".join(job.pieces)
+        at, _ = find_stop(text, stop, max(0, len(text) - new_chars - max(map(len, stop)) + 1))
+        if at is None:
+            return False
+        start = 0  # keep the tokens that begin before the stop string; the last one loses its end
+        for i, piece in enumerate(job.pieces):
+            if start + len(piece) >= at:
+                del job.tokens[i + 1 :], job.recurs[i + 1 :], job.pieces[i + 1 :]
+                job.pieces[i] = piece[: at - start]
+                break
+            start += len(piece)
+        job.text_len = at
+        job.cut = True
+        return True
+
+    @staticmethod
+    def _release(job: _Job, final: bool) -> list[Any]:
+        """The StreamChunk of tokens whose text can no longer turn into a stop string (all of them when `final`)."""
+        upto = len(job.tokens)
+        if not final and job.req.stop:
+            _, hold = find_stop("".join(job.pieces), job.req.stop, len("".join(job.pieces)))
+            end = 0
+            for i, piece in enumerate(job.pieces):
+                end += len(piece)
+                if end > job.text_len - hold:
+                    upto = i
+                    break
+        if upto <= job.emitted:
+            return []
+        sl = slice(job.emitted, upto)
+        job.emitted = upto
+        return [StreamChunk(job.tokens[sl], job.recurs[sl], job.pieces[sl])]
+
     def _finish(self, job: _Job, reason: str) -> list[Any]:
-        msgs: list[Any] = []
+        msgs: list[Any] = self._release(job, final=True) if job.streaming else []
         tail = job.decoder.flush()  # bytes of an unfinished character at the very end: U+FFFD
-        if tail:
+        if tail and not job.cut:
             job.pieces.append(tail)
             if job.streaming:
                 msgs.append(StreamChunk([], [], [tail]))
         text = "".join(job.pieces)
         first = job.first_token_s or 0.0
-        done = Completion(reason, len(job.req.prompt), len(job.tokens), list(job.recurs), text, first)
+        done = Completion(
+            reason,
+            len(job.req.prompt),
+            len(job.tokens),
+            list(job.recurs),
+            text,
+            first,
+            list(job.tokens),
+            job.stop_token,
+        )
         if self.metrics is not None:
             self.metrics.request_finished(done)
         return [*msgs, done]

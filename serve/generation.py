@@ -22,6 +22,7 @@ class GenerationRequest:
     prompt: tuple[int, ...]
     sampling: SamplingParams
     decode: DecodeSettings
+    stop: tuple[str, ...] = ()  # the completion ends before the first of these strings (which it does not contain)
 
 
 @dataclass
@@ -47,10 +48,22 @@ class Completion:
     recurs: list[int] = field(default_factory=list)
     text: str = ""
     first_token_s: float = 0.0  # arrival at the replica -> first token (queue wait + prefill)
+    tokens: list[int] = field(default_factory=list)  # the generated ids behind `text` (stop token excluded)
+    stop_token: int | None = None  # the id that ended the turn, when one did
 
     @property
     def mean_recur(self) -> float:
         return sum(self.recurs) / len(self.recurs) if self.recurs else 0.0
+
+
+def find_stop(text: str, stop: tuple[str, ...], start: int = 0) -> tuple[int | None, int]:
+    """(where the first stop string in `text[start:]` begins or None, how many trailing characters could still begin
+    one): text before the second number is final, the rest must wait for the next token."""
+    hits = [i for s in stop if (i := text.find(s, start)) >= 0]
+    if hits:
+        return min(hits), 0
+    hold = max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
+    return None, hold
 
 
 class TokenDecoder:

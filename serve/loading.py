@@ -51,9 +51,7 @@ def load_engine(uri: str, cache_dir: str | os.PathLike[str] | None = None, devic
     return LoadedModel(Engine(loaded.model, loaded.tokenizer), loaded.config, loaded.tokenizer, loaded.meta, ckpt.path)
 
 
-def load_tokenizer_and_config(
-    uri: str, cache_dir: str | os.PathLike[str] | None = None
-) -> tuple[Tokenizer, GPTConfig]:
+def load_tokenizer_and_config(uri: str, cache_dir: str | os.PathLike[str] | None = None) -> tuple[Tokenizer, GPTConfig]:
     """Tokenizer and model config of a checkpoint: what the ingress needs to validate and render prompts. Only
     those two parts are fetched and hashed."""
     ckpt = fetch_checkpoint(uri, INGRESS_PARTS, cache_dir=cache_dir)

@@ -3,7 +3,8 @@
 Per tier replica, from its continuous-batching engine: running rows, waiting requests, KV blocks in use (and the pool
 size), tokens/s and mean recurrences per token over the last few hundred ms as gauges; finished requests (by finish
 reason), generated tokens and the recurrences spent on them as counters (their rates give tokens/s and mean r over
-any window); time to first token as a histogram. The ingress counts HTTP responses per tier and status.
+any window); time to first token as a histogram; tokens scored by full forwards (log-probabilities) and their
+recurrences as counters. The ingress counts HTTP responses per tier and status.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class TierMetrics:
         self._recurrences = counter(
             "rnc_serve_recurrences", "Recurrences spent on generated tokens (rate / token rate = mean r)."
         )
+        self._scored = counter("rnc_serve_scored_tokens", "Tokens scored by full forwards (/v1/completions logprobs).")
+        self._scored_recurrences = counter(
+            "rnc_serve_scored_recurrences", "Recurrences of those forwards, per token (rate / scored rate = mean r)."
+        )
         self._requests = metrics.Counter(
             "rnc_serve_requests", "Finished generation requests.", tag_keys=("tier", "finish_reason")
         )
@@ -72,13 +77,17 @@ class TierMetrics:
             self._recurrences.inc(sum(completion.recurs))
             self._first_token.observe(completion.first_token_s)
 
+    def tokens_scored(self, tokens: int, num_recur: int) -> None:
+        self._scored.inc(tokens)
+        self._scored_recurrences.inc(tokens * num_recur)
+
 
 class IngressMetrics:
     """HTTP responses of the ingress by tier ('-' before routing) and status code."""
 
     def __init__(self) -> None:
         self._responses = metrics.Counter(
-            "rnc_serve_http_responses", "HTTP responses of /v1/chat/completions.", tag_keys=("tier", "status")
+            "rnc_serve_http_responses", "HTTP responses of the completion endpoints.", tag_keys=("tier", "status")
         )
 
     def response(self, tier: str | None, status: int) -> None:

@@ -50,6 +50,48 @@ class Budget:
     exit_criterion: str | None = None  # a name in EXIT_CRITERIA; default: the tier's rule's, else the first one
 
 
+def model_budget(model: str | None, base: str) -> Budget:
+    """The budget a model id names: `base`, `base:TIER`, `base@rN` or `base:TIER@rN` (see GET /v1/models), so a
+    client that can only choose `model` (lm-eval, most OpenAI SDK users) still chooses its compute. None or "" is
+    the base model. RequestError 404 naming `model` for another model."""
+    if not model or model == base:
+        return Budget()
+    name, tier, r = model, None, None
+    head, at, recur = name.rpartition("@r")
+    if at and recur.isdigit():
+        name, r = head, int(recur)
+    head, colon, tier_name = name.partition(":")
+    if colon:
+        name, tier = head, tier_name
+    if name != base or (colon and not tier_name):
+        raise RequestError(
+            "model",
+            f"model {model!r} is not served here; use {base!r}, {base + ':TIER'!r} or {base + '@rN'!r} "
+            "(see GET /v1/models)",
+            status=404,
+            code="model_not_found",
+        )
+    return Budget(tier=tier, max_recur=r)
+
+
+def merge_budgets(model: str, by_model: Budget, by_body: Budget) -> Budget:
+    """The request body's budget fields with the model id's; a field both set to different values is a 400 naming
+    both (`model` and the body field)."""
+    for field_name in ("tier", "max_recur"):
+        named, given = getattr(by_model, field_name), getattr(by_body, field_name)
+        if named is not None and given is not None and named != given:
+            raise RequestError(
+                "model",
+                f"model={model!r} asks for {field_name}={named!r} but the request sets {field_name}={given!r}; "
+                "drop one of the two",
+            )
+    return replace(
+        by_body,
+        tier=by_body.tier if by_body.tier is not None else by_model.tier,
+        max_recur=by_body.max_recur if by_body.max_recur is not None else by_model.max_recur,
+    )
+
+
 @dataclass(frozen=True)
 class Route:
     """Where a request goes and how it is decoded there."""

@@ -18,10 +18,18 @@ from recursive_model.recurrence import EXIT_CRITERIA
 
 from .config import ServeConfig
 from .generation import Completion, GenerationRequest, StreamChunk
-from .protocol import ChatCompletionRequest, chunk, completion_response, new_completion_id, parse_chat_request, sse
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chunk,
+    completion_response,
+    new_completion_id,
+    parse_chat_request,
+    sse,
+)
 from .protocol import error_body as _error_body
 from .protocol import usage as _usage
-from .router import BudgetRouter, RequestError, Route
+from .router import Budget, BudgetRouter, RequestError, Route, merge_budgets, model_budget
 
 
 @dataclass(frozen=True)
@@ -34,8 +42,8 @@ class Plan:
     completion_id: str
 
 
-class ChatPlanner:
-    """Validation, budget routing and prompt rendering for /v1/chat/completions."""
+class Planner:
+    """What both completion endpoints share: the model id and body -> budget -> route, token limits, sampling."""
 
     def __init__(self, config: ServeConfig, tokenizer: Any, sequence_len: int):
         self.config = config
@@ -43,21 +51,53 @@ class ChatPlanner:
         self.sequence_len = sequence_len
         self.router = BudgetRouter(config.tiers, config.default_tier)
 
+    def route(self, req: ChatCompletionRequest | CompletionRequest) -> Route:
+        """The route of the budget the model id and the body's fields ask for together."""
+        by_model = model_budget(req.model, self.config.model_name)
+        return self.router.route(merge_budgets(req.model or "", by_model, req.budget()))
+
+    def check_max_tokens(self, field: str, max_tokens: int) -> None:
+        if max_tokens > self.config.max_tokens_limit:
+            raise RequestError(field, f"{field}={max_tokens} is above the limit of {self.config.max_tokens_limit}")
+
+    @staticmethod
+    def sampling(req: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> SamplingParams:
+        # Without a seed each request draws its own: batch mates never share a random stream.
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, seed=seed)
+
+    def model_ids(self) -> list[dict[str, Any]]:
+        """One model id per tier (`base:TIER`, at the tier's default r) and per r some tier serves (`base@rN`)."""
+        base = self.config.model_name
+        ids = []
+        for t in self.config.tiers:
+            ids.append(self._model_entry(f"{base}:{t.name}", t.name, t.recur))
+        for r in range(1, self.router.r_limit + 1):
+            if any(t.r_min <= r <= t.r_max for t in self.config.tiers):
+                ids.append(self._model_entry(f"{base}@r{r}", self.router.route(Budget(max_recur=r)).tier, r))
+        return ids
+
+    def _model_entry(self, model_id: str, tier: str, recur: int) -> dict[str, Any]:
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "rnc",
+            "root": self.config.model_name,
+            "tier": tier,
+            "recur": recur,
+        }
+
+
+class ChatPlanner(Planner):
+    """Validation, budget routing and prompt rendering for /v1/chat/completions."""
+
     def plan(self, body: bytes) -> Plan:
         req = parse_chat_request(body)
         cfg = self.config
-        if req.model not in (None, "", cfg.model_name):
-            raise RequestError(
-                "model",
-                f"model {req.model!r} is not served here; use {cfg.model_name!r} (see GET /v1/models)",
-                status=404,
-                code="model_not_found",
-            )
         max_tokens = req.requested_max_tokens() or cfg.default_max_tokens
-        if max_tokens > cfg.max_tokens_limit:
-            field = "max_tokens" if req.max_tokens is not None else "max_completion_tokens"
-            raise RequestError(field, f"{field}={max_tokens} is above the limit of {cfg.max_tokens_limit}")
-        route = self.router.route(req.budget())
+        self.check_max_tokens("max_tokens" if req.max_tokens is not None else "max_completion_tokens", max_tokens)
+        route = self.route(req)
         try:
             ids = self.tokenizer.render_for_completion(req.conversation())
         except ValueError as exc:
@@ -69,14 +109,12 @@ class ChatPlanner:
                 f"{self.sequence_len - 1} prompt tokens",
                 code="context_length_exceeded",
             )
-        # Without a seed each request draws its own: batch mates never share a random stream.
-        seed = req.seed if req.seed is not None else secrets.randbits(63)
-        sampling = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, seed=seed)
-        generation = GenerationRequest(prompt=tuple(ids), sampling=sampling, decode=route.decode)
+        generation = GenerationRequest(prompt=tuple(ids), sampling=self.sampling(req, max_tokens), decode=route.decode)
         return Plan(req, route, generation, new_completion_id())
 
     def models(self) -> dict[str, Any]:
-        """GET /v1/models: the one model, with its tiers (what the chat page's budget control offers)."""
+        """GET /v1/models: the model with its tiers (what the chat page's budget control offers), then the ids that
+        name a budget (`model_ids`)."""
         tiers = [
             {
                 "name": t.name,
@@ -102,7 +140,8 @@ class ChatPlanner:
                     "default_tier": self.router.default_tier,
                     "exit_criteria": {name: c.description for name, c in EXIT_CRITERIA.items()},
                     "tiers": tiers,
-                }
+                },
+                *self.model_ids(),
             ],
         }
 

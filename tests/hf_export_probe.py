@@ -86,18 +86,7 @@ def tokenizer_results(job: dict) -> dict:
 def lm_eval_results(job: dict) -> dict:
     import lm_eval
 
-    task = {
-        "task": "rnc_local_mc",
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": job["jsonl"]}},
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{prompt}}",
-        "doc_to_choice": "{{letters}}",
-        "doc_to_target": "{{answer}}",
-        "target_delimiter": "",  # the letter follows <|assistant_start|> directly, as in rnc's categorical eval
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-    }
+    task = job["task"]  # tests/lm_eval_tasks.py: mc_task_config
     results = lm_eval.simple_evaluate(
         model="hf",
         model_args=f"pretrained={job['dir']},trust_remote_code=True,num_recur={job['num_recur']}",
@@ -108,9 +97,9 @@ def lm_eval_results(job: dict) -> dict:
         log_samples=True,
         bootstrap_iters=0,
     )
-    samples = sorted(results["samples"]["rnc_local_mc"], key=lambda s: s["doc_id"])
+    samples = sorted(results["samples"][task["task"]], key=lambda s: s["doc_id"])
     return {
-        "acc": results["results"]["rnc_local_mc"]["acc,none"],
+        "acc": results["results"][task["task"]]["acc,none"],
         "loglikelihoods": [[float(resp[0]) for resp in s["filtered_resps"]] for s in samples],
     }
 

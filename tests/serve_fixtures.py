@@ -48,12 +48,19 @@ def tiny_tokenizer(num_docs: int = 120) -> Tokenizer:
     return Tokenizer.train(texts, 512)
 
 
-def make_tiny_checkpoint(directory: str | os.PathLike[str], sequence_len: int = 128, seed: int = 0) -> Path:
-    """A complete checkpoint of the `tiny` preset with random weights (room for a few chat turns)."""
+def make_tiny_checkpoint(
+    directory: str | os.PathLike[str], sequence_len: int = 128, seed: int = 0, all_random: bool = False
+) -> Path:
+    """A complete checkpoint of the `tiny` preset with random weights (room for a few chat turns). `all_random`:
+    every weight drawn, not only the initialized ones (the init zeroes output projections, so r barely matters)."""
     tokenizer = tiny_tokenizer()
     config = GPTConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size, sequence_len=sequence_len)
     torch.manual_seed(seed)
     model = GPT(config)
+    if all_random:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.1)
     return save_checkpoint(directory, model, config, tokenizer, meta={"stage": "serve-test"})
 
 
@@ -156,14 +163,19 @@ def serve_app_fixture(
     ray_cluster: ModuleType, tiny_checkpoint_uri: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveApp]:
     """The application deployed once per module from the S3 checkpoint, with bearer auth on."""
+    # The replicas get the fake S3 credentials explicitly: Ray may have been started before the S3 fixture set them.
+    aws_env = {k: os.environ[k] for k in _AWS_KEYS if k in os.environ}
+    config = serve_test_config(tiny_checkpoint_uri, str(tmp_path_factory.mktemp("serve-cache")), aws_env)
+    yield from deploy(config)
+
+
+def deploy(config: dict[str, Any]) -> Iterator[LiveApp]:
+    """Run the application of `config` on loopback until the generator is closed (the body of a fixture)."""
     from ray import serve
 
     from serve.app import build_app
     from serve.cli import _proxy_address
 
-    # The replicas get the fake S3 credentials explicitly: Ray may have been started before the S3 fixture set them.
-    aws_env = {k: os.environ[k] for k in _AWS_KEYS if k in os.environ}
-    config = serve_test_config(tiny_checkpoint_uri, str(tmp_path_factory.mktemp("serve-cache")), aws_env)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     t0 = time.perf_counter()

@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from checkpoints import save_checkpoint
 from export import add_export_subcommand, export_hf
 from recursive_model import GPT, SPECIAL_TOKENS, Engine, GPTConfig, Tokenizer
-from recursive_model.tasks.base import render_mc
 from recursive_model.tasks.evaluate import run_categorical
 from recursive_model.tasks.loaders import MMLU
+from tests.lm_eval_tasks import LETTERS, mc_task_config, write_mc_jsonl
 
 transformers = pytest.importorskip("transformers", reason="needs the eval extra: pip install -e '.[eval]'")
 
@@ -264,42 +264,20 @@ def test_chat_template_renders_the_project_conversation(tokenizer, hf_tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------------- lm-eval
-MC_ROWS = [
-    ("Which planet is closest to the Sun?", ["Venus", "Earth", "Mercury", "Mars"], 2),
-    ("What is 2 + 2?", ["3", "4", "5", "22"], 1),
-    ("Which of these is a fruit?", ["apple", "carrot", "potato", "onion"], 0),
-    ("What colour is the sky on a clear day?", ["green", "red", "blue", "black"], 2),
-    ("How many legs has a spider?", ["six", "eight", "ten", "four"], 1),
-    ("Which is a prime number?", ["4", "6", "9", "7"], 3),
-    ("Water freezes at how many degrees Celsius?", ["0", "10", "100", "-10"], 0),
-    ("Which animal says moo?", ["cat", "dog", "cow", "duck"], 2),
-]
-
-
 @pytest.mark.slow  # lm-eval loads and scores in a fresh process: about a minute on 2 cores
 def test_lm_eval_hf_model_accuracy_equals_run_categorical(exported, tokenizer, tmp_path):
     pytest.importorskip("lm_eval", reason="needs the eval extra: pip install -e '.[eval]'")
     model, directory = exported["concat_embed"]
-    letters = ["A", "B", "C", "D"]
-    jsonl = tmp_path / "mc.jsonl"
-    with jsonl.open("w") as f:
-        for question, choices, answer in MC_ROWS:
-            row = {
-                "question": question,
-                "subject": "misc",
-                "choices": choices,
-                "answer": answer,
-                "prompt": render_mc(question, letters, choices),
-                "letters": letters,
-            }  # prompt: lm-eval's text
-            f.write(json.dumps(row) + "\n")
+    jsonl = write_mc_jsonl(tmp_path / "mc.jsonl")
     r = 4  # not the checkpoint's default (2): the budget reaches the model through model_args
-    result = run_probe({"lm_eval": {"dir": str(directory), "jsonl": str(jsonl), "num_recur": r}}, tmp_path)["lm_eval"]
+    result = run_probe(
+        {"lm_eval": {"dir": str(directory), "task": mc_task_config("rnc_local_mc", jsonl), "num_recur": r}}, tmp_path
+    )["lm_eval"]
 
     task = MMLU(source=str(jsonl))
     ours = run_categorical(model, tokenizer, task, num_recur=r)
     assert result["acc"] == pytest.approx(ours.accuracy)
-    letter_ids = [tokenizer.encode(x)[0] for x in letters]
+    letter_ids = [tokenizer.encode(x)[0] for x in LETTERS]
     with torch.no_grad():
         for conversation, lls in zip(task, result["loglikelihoods"], strict=True):
             ids = torch.tensor([tokenizer.render_for_completion(conversation)])

@@ -11,8 +11,8 @@ from torch._dynamo.utils import counters
 
 from recursive_model import GPT, GPTConfig, sample_num_recur
 from recursive_model.kv_cache import KVCache
-from recursive_model.recurrence import EXIT_CRITERIA, DecodeSettings, ExitRule, RecurrenceSampling
 from recursive_model.model import parameter_counts
+from recursive_model.recurrence import EXIT_CRITERIA, DecodeSettings, ExitRule, RecurrenceSampling
 from recursive_model.sampling import recur_generator
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import io
 import json
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import torch
 import yaml
 
 from checkpoints import CheckpointError, fetch_checkpoint, load_checkpoint
@@ -21,11 +23,12 @@ from recursive_model.batching import ContinuousEngine, SamplingParams, StepEvent
 from recursive_model.engine import Engine
 from recursive_model.recurrence import DecodeSettings, ExitRule
 from serve.batcher import EngineSnapshot, ReplicaBatcher
+from serve.completions import CompletionPlanner, CompletionStreamFormatter
 from serve.config import ServeConfig, TierConfig, load_config
-from serve.generation import Completion, GenerationRequest, StreamChunk, TokenDecoder
+from serve.generation import Completion, GenerationRequest, StreamChunk, TokenDecoder, find_stop
 from serve.loading import load_engine, load_tokenizer_and_config
-from serve.protocol import parse_chat_request
-from serve.router import Budget, BudgetRouter, RequestError
+from serve.protocol import parse_chat_request, parse_completion_request
+from serve.router import Budget, BudgetRouter, RequestError, merge_budgets, model_budget
 from serve.service import ChatPlanner, StreamFormatter, error_response
 from tests.serve_fixtures import make_tiny_checkpoint
 
@@ -554,12 +557,16 @@ class _RecordingMetrics:
     def __init__(self) -> None:
         self.loads: list[tuple[EngineSnapshot, float, float]] = []
         self.requests: list[Completion] = []
+        self.scored: list[tuple[int, int]] = []
 
     def engine_load(self, snapshot: EngineSnapshot, tokens_per_s: float, mean_recur: float) -> None:
         self.loads.append((snapshot, tokens_per_s, mean_recur))
 
     def request_finished(self, completion: Completion) -> None:
         self.requests.append(completion)
+
+    def tokens_scored(self, tokens: int, num_recur: int) -> None:
+        self.scored.append((tokens, num_recur))
 
 
 def test_metrics_sink_sees_engine_load_and_requests(engine: Engine) -> None:
@@ -576,6 +583,260 @@ def test_metrics_sink_sees_engine_load_and_requests(engine: Engine) -> None:
     idle, _, _ = metrics.loads[-1]
     assert (idle.running, idle.waiting, idle.kv_blocks_used) == (0, 0, 0)
     assert idle.kv_blocks_total == batcher.engine.pool.num_blocks
+
+
+# ------------------------------------------------------------------------------------- /v1/completions, model ids
+def test_model_ids_name_a_budget_and_conflicts_name_both_fields() -> None:
+    assert model_budget(None, "m") == model_budget("m", "m") == Budget()
+    assert model_budget("m:high", "m") == Budget(tier="high")
+    assert model_budget("m@r8", "m") == Budget(max_recur=8)
+    assert model_budget("m:high@r7", "m") == Budget(tier="high", max_recur=7)
+    for bad in ("other", "m:", "mx@r3", "other:high"):
+        with pytest.raises(RequestError) as info:
+            model_budget(bad, "m")
+        assert (info.value.param, info.value.status, info.value.code) == ("model", 404, "model_not_found")
+    # The body adds to the model id's budget; the same field with two values is refused, naming both.
+    assert merge_budgets("m:high", Budget(tier="high"), Budget(max_recur=7, exit_threshold=0.5)) == Budget(
+        tier="high", max_recur=7, exit_threshold=0.5
+    )
+    with pytest.raises(RequestError, match=r"model='m:high' asks for tier='high' but the request sets tier='low'"):
+        merge_budgets("m:high", Budget(tier="high"), Budget(tier="low"))
+    with pytest.raises(RequestError, match=r"max_recur=8 but the request sets max_recur=4") as info:
+        merge_budgets("m@r8", Budget(max_recur=8), Budget(max_recur=4))
+    assert info.value.param == "model" and info.value.status == 400
+
+
+def test_planners_route_by_model_id_and_models_lists_every_budget(engine: Engine) -> None:
+    cfg = make_config(model_name="m")
+    chat = ChatPlanner(cfg, engine.tokenizer, engine.config.sequence_len)
+    msg = [{"role": "user", "content": "hi"}]
+    for model, tier, r in (("m", "low", 2), ("m:high", "high", 6), ("m@r3", "medium", 3), ("m@r7", "high", 7)):
+        plan = chat.plan(json.dumps({"model": model, "messages": msg}).encode())
+        assert (plan.route.tier, plan.generation.decode.num_recur) == (tier, r), model
+    plan = chat.plan(json.dumps({"model": "m:high", "messages": msg, "max_recur": 5}).encode())
+    assert (plan.route.tier, plan.route.num_recur) == ("high", 5)  # the body's r inside the model id's tier
+    with pytest.raises(RequestError) as info:
+        chat.plan(json.dumps({"model": "m:high", "messages": msg, "tier": "low"}).encode())
+    assert info.value.param == "model" and "tier='low'" in info.value.message
+    with pytest.raises(RequestError) as info:
+        chat.plan(json.dumps({"model": "m:low@r5", "messages": msg}).encode())
+    assert info.value.param == "max_recur"  # the router's range check still applies
+    ids = [m["id"] for m in chat.models()["data"]]
+    assert ids == ["m", "m:low", "m:medium", "m:high", *(f"m@r{r}" for r in range(1, 9))]
+    by_id = {m["id"]: m for m in chat.models()["data"]}
+    assert (by_id["m@r4"]["tier"], by_id["m:high"]["recur"]) == ("medium", 6)
+    completions = CompletionPlanner(cfg, engine.tokenizer, engine.config.sequence_len)
+    plan = completions.plan(b'{"model": "m@r4", "prompt": "hi", "max_tokens": 2}')
+    assert (plan.route.tier, plan.prompts[0].generation.decode.num_recur) == ("medium", 4)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[1, 2], "x", 3]}, "prompt[2]"),
+        ({"prompt": [[1, 2], []]}, "prompt[1]"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),  # generates nothing unless the prompt is echoed
+        ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 65}, "max_tokens"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "stop": ["a", ""]}, "stop"),
+        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "x", "temperature": 3}, "temperature"),
+        ({"prompt": ["x", "y"], "stream": True}, "prompt"),
+        ({"prompt": "x", "stream": True, "logprobs": 1}, "logprobs"),
+        ({"prompt": [1, 2, 9999]}, "prompt[2]"),  # outside the vocabulary
+        ({"prompt": [[1], [1, -1]]}, "prompt[1][1]"),
+        ({"prompt": ["x", "word " * 80]}, "prompt[1]"),  # longer than the context
+        ({"prompt": "x", "model": "m:high", "tier": "low"}, "model"),
+        ({"prompt": "x", "model": "gpt-4"}, "model"),
+        ({"prompt": "x", "max_recur": 99}, "max_recur"),
+    ],
+)
+def test_completion_request_errors_name_the_field(engine: Engine, body: dict, param: str) -> None:
+    cfg = make_config(model_name="m", max_tokens_limit=64, default_max_tokens=16)
+    planner = CompletionPlanner(cfg, engine.tokenizer, 64)
+    with pytest.raises(RequestError) as info:
+        planner.plan(json.dumps(body).encode())
+    assert info.value.param == param, info.value.message
+    assert info.value.status == (404 if body.get("model") == "gpt-4" else 400)
+
+
+def test_completion_prompt_shapes() -> None:
+    def prompts(prompt: object) -> list:
+        return parse_completion_request(json.dumps({"prompt": prompt}).encode()).prompts
+
+    assert prompts("a b") == ["a b"]
+    assert prompts(["a", "b"]) == ["a", "b"]
+    assert prompts([5, 6]) == [[5, 6]]
+    assert prompts([[5, 6], [7]]) == [[5, 6], [7]]
+    assert prompts(["a", [7]]) == ["a", [7]]
+
+
+def _complete(planner: CompletionPlanner, batcher: ReplicaBatcher, body: dict) -> dict:
+    """What the ingress does with a /v1/completions body, with the replica's batcher in place of its handle."""
+    plan = planner.plan(json.dumps(body).encode())
+
+    async def run() -> list:
+        return await asyncio.wait_for(asyncio.gather(*(planner.run(plan, p, batcher) for p in plan.prompts)), 60)
+
+    return planner.response(plan, asyncio.run(run()))
+
+
+@pytest.fixture
+def completer(engine: Engine) -> tuple[CompletionPlanner, ReplicaBatcher]:
+    cfg = make_config(model_name="m", max_tokens_limit=64, default_max_tokens=16)
+    batcher = _batcher(engine, WIDE, metrics=_RecordingMetrics())[0]
+    return CompletionPlanner(cfg, engine.tokenizer, engine.config.sequence_len), batcher
+
+
+def test_loglikelihood_request_is_one_forward_with_the_openai_logprobs_layout(
+    engine: Engine, completer: tuple[CompletionPlanner, ReplicaBatcher]
+) -> None:
+    """lm-eval's loglikelihood request: echo, logprobs, one greedy token. It never reaches the engine: one forward at
+    the model id's r gives every prompt token's log p, the top-n, and the answer token (the argmax)."""
+    planner, batcher = completer
+    tok = engine.tokenizer
+    prompts = [tok.encode("hello world, the list", prepend="<|bos|>"), [tok.bos_token_id, *tok.encode("x = 1")]]
+    body = {"model": "m@r3", "prompt": prompts, "echo": True, "logprobs": 2, "max_tokens": 1, "temperature": 0}
+    out = _complete(planner, batcher, body)
+    assert batcher.stats().steps == 0 and batcher.stats().scored_tokens == sum(map(len, prompts))
+    assert batcher.stats().scored_recurrences == 3 * sum(map(len, prompts))
+    assert sorted(batcher.metrics.scored) == sorted((len(p), 3) for p in prompts)  # type: ignore[union-attr]
+    assert (out["object"], out["model"], out["tier"], out["recurrence"]["budget"]) == (
+        "text_completion",
+        "m@r3",
+        "medium",
+        3,
+    )
+    n = sum(map(len, prompts))
+    assert out["usage"] == {"prompt_tokens": n, "completion_tokens": 2, "total_tokens": n + 2}
+    for ids, choice in zip(prompts, out["choices"], strict=True):
+        lp = choice["logprobs"]
+        with torch.no_grad():
+            ref = torch.log_softmax(engine.model(torch.tensor([ids]), num_recur=3)[0], dim=-1)  # (T, V)
+        answer = int(ref[-1].argmax())
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(ids) + 1
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        expected = [float(ref[t - 1, token]) for t, token in enumerate([*ids, answer]) if t > 0]
+        assert lp["token_logprobs"][1:] == pytest.approx(expected, abs=1e-5)
+        for t, top in enumerate(lp["top_logprobs"][1:], start=1):
+            best = ref[t - 1].topk(2)
+            assert lp["tokens"][t] in top and 2 <= len(top) <= 3  # the top 2 plus the token itself
+            assert max(top.values()) == pytest.approx(float(best.values[0]), abs=1e-5)
+        # Offsets index the returned text: prompt (echoed) + the completion.
+        assert choice["text"] == "".join(lp["tokens"]) and choice["text"].startswith(tok.decode(ids))
+        ends = [*lp["text_offset"][1:], len(choice["text"])]
+        assert [choice["text"][a:b] for a, b in zip(lp["text_offset"], ends, strict=True)] == lp["tokens"]
+        assert choice["recurrence"]["per_token"] == [3] and choice["finish_reason"] == "length"
+
+
+def test_lm_eval_reads_the_loglikelihood_layout(completer: tuple[CompletionPlanner, ReplicaBatcher]) -> None:
+    api = pytest.importorskip("lm_eval.models.openai_completions", reason="needs the eval extra")
+    planner, batcher = completer
+    ids = [planner.tokenizer.bos_token_id, *planner.tokenizer.encode("a b c d")]
+    body = {"prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
+    out = _complete(planner, batcher, body)
+    ctxlen = 3  # the continuation is ids[3:]
+    ((ll, greedy),) = api.LocalCompletionsAPI.parse_logprobs(out, tokens=[ids], ctxlens=[ctxlen])
+    token_logprobs = out["choices"][0]["logprobs"]["token_logprobs"]
+    assert ll == pytest.approx(sum(token_logprobs[ctxlen : len(ids)]))
+    assert isinstance(greedy, bool)
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_only(completer: tuple[CompletionPlanner, ReplicaBatcher]) -> None:
+    planner, batcher = completer
+    out = _complete(planner, batcher, {"prompt": "hello there", "echo": True, "max_tokens": 0, "logprobs": 0})
+    (choice,) = out["choices"]
+    ids = planner.tokenizer.encode("hello there", prepend="<|bos|>")  # a text prompt starts with <|bos|>
+    assert choice["text"] == planner.tokenizer.decode(ids) and choice["finish_reason"] == "length"
+    assert len(choice["logprobs"]["tokens"]) == len(ids) and out["usage"]["completion_tokens"] == 0
+    assert all(len(top) == 1 for top in choice["logprobs"]["top_logprobs"][1:])  # logprobs=0: the token alone
+    plain = _complete(planner, batcher, {"prompt": "hello there", "echo": True, "max_tokens": 0})
+    assert plain["choices"][0]["text"] == choice["text"] and plain["choices"][0]["logprobs"] is None
+    assert batcher.stats().steps == 0
+
+
+def test_generated_completion_stop_strings_and_its_logprobs(
+    engine: Engine, completer: tuple[CompletionPlanner, ReplicaBatcher]
+) -> None:
+    planner, batcher = completer
+    tok = engine.tokenizer
+    ids = tok.encode("the list comprehension", prepend="<|bos|>")
+    out = _complete(planner, batcher, {"prompt": [ids], "max_tokens": 10, "temperature": 0, "model": "m@r3"})
+    ref = engine.generate_batch([ids], max_tokens=10, temperature=0.0, num_recur=3, exit=None)[0]
+    (choice,) = out["choices"]
+    assert choice["text"] == _decode(tok, ref.tokens) and choice["recurrence"]["per_token"] == ref.recurs
+    text = choice["text"]
+    assert len(text) > 4
+    stop = text[3:5]  # a stop string that starts inside the completion: the text ends right before it
+    cut = _complete(
+        planner, batcher, {"prompt": [ids], "max_tokens": 10, "temperature": 0, "stop": [stop, "\x00"], "model": "m@r3"}
+    )
+    assert cut["choices"][0]["text"] == text[: text.index(stop)] and cut["choices"][0]["finish_reason"] == "stop"
+    assert cut["usage"]["completion_tokens"] < out["usage"]["completion_tokens"]
+    # Log-probabilities of generated tokens: the full forward at r over prompt + completion.
+    scored = _complete(
+        planner, batcher, {"prompt": [ids], "max_tokens": 10, "temperature": 0, "logprobs": 1, "model": "m@r3"}
+    )
+    lp = scored["choices"][0]["logprobs"]
+    full = [*ids, *ref.tokens]
+    with torch.no_grad():
+        logp = torch.log_softmax(engine.model(torch.tensor([full]), num_recur=3)[0], dim=-1)
+    expected = [float(logp[len(ids) + i - 1, t]) for i, t in enumerate(ref.tokens)]
+    assert lp["token_logprobs"][: len(ref.tokens)] == pytest.approx(expected, abs=1e-5)
+    assert lp["text_offset"][0] == 0
+    # Sampling follows the seed.
+    body = {"prompt": "x", "max_tokens": 8, "temperature": 1.0, "seed": 5, "model": "m@r4"}
+    assert _complete(planner, batcher, body)["choices"] == _complete(planner, batcher, body)["choices"]
+
+
+def test_a_streamed_completion_holds_back_what_may_become_a_stop_string(engine: Engine) -> None:
+    batcher, _ = _batcher(engine, WIDE)
+    plain = _generate_all(batcher, [_req(engine, "hello", 12)])[0]
+    assert len(plain.text) > 6
+    for stop in (plain.text[4:7], plain.text[-2:], "\x00never"):
+        req = dataclasses.replace(_req(engine, "hello", 12), stop=(stop,))
+
+        async def collect(req: GenerationRequest = req) -> list:
+            return [ev async for ev in batcher.stream(req)]
+
+        *chunks, end = asyncio.run(collect())
+        streamed = "".join(c.text for c in chunks)
+        expected = plain.text.split(stop)[0] if stop in plain.text else plain.text
+        assert streamed == end.text == expected, stop
+        assert end.finish_reason == ("stop" if stop in plain.text else plain.finish_reason)
+        assert [r for c in chunks for r in c.recurs] == end.recurs and len(end.tokens) == len(end.recurs)
+
+
+def test_completion_stream_chunks_parse_back(engine: Engine) -> None:
+    planner = CompletionPlanner(make_config(model_name="m"), engine.tokenizer, engine.config.sequence_len)
+    plan = planner.plan(b'{"model": "m@r4", "prompt": "hi", "stream": true, "echo": true, "max_tokens": 3}')
+    fmt = CompletionStreamFormatter(planner, plan)
+    raw = (
+        fmt.start() + fmt.event(StreamChunk([1, 2], [4, 4], ["a", "b"])) + fmt.event(Completion("length", 2, 2, [4, 4]))
+    )
+    events = [e.removeprefix("data: ") for e in raw.decode().split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    echo, content, last = (json.loads(e) for e in events[:-1])
+    assert echo["choices"][0]["text"] == engine.tokenizer.decode(list(plan.prompts[0].ids))  # "<|bos|>hi"
+    assert (content["object"], content["choices"][0]["text"], content["recurrence"]) == (
+        "text_completion",
+        "ab",
+        {"per_token": [4, 4]},
+    )
+    assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 2
+    assert (last["recurrence"], last["tier"], last["model"]) == ({"budget": 4, "mean": 4.0}, "medium", "m@r4")
+
+
+def test_find_stop() -> None:
+    assert find_stop("abcdef", ("cd",)) == (2, 0)
+    assert find_stop("abcdef", ("cd", "b")) == (1, 0)
+    assert find_stop("abc", ("cde",)) == (None, 1) and find_stop("abcd", ("cdx",)) == (None, 2)
+    assert find_stop("abc", ("x",)) == (None, 0)
+    assert find_stop("abcabc", ("ab",), start=1) == (3, 0)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
