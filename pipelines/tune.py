@@ -41,6 +41,8 @@ from .sweep import (
     TIME_ATTR,
     ObjectiveSpec,
     SweepSpec,
+)
+from .sweep_results import (
     TrialRow,
     best_config,
     best_row,

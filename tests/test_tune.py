@@ -23,6 +23,8 @@ from pipelines.sweep import (
     DIVERGED_BPB,
     ObjectiveSpec,
     SweepSpec,
+)
+from pipelines.sweep_results import (
     TrialRow,
     best_config,
     plot_objective,
