@@ -30,6 +30,13 @@ SERVE_METRICS = [
         "tier",
         "recurrences spent on generated tokens (rate / token rate = mean recurrences per token)",
     ),
+    ("ray_rnc_serve_scored_tokens_total", "counter", "tier", "tokens scored by full forwards (completions logprobs)"),
+    (
+        "ray_rnc_serve_scored_recurrences_total",
+        "counter",
+        "tier",
+        "recurrences of those forwards (rate / scored-token rate = mean r of scoring)",
+    ),
     ("ray_rnc_serve_tokens_per_second", "gauge", "tier", "tokens/s of the replica's engine, recent"),
     ("ray_rnc_serve_mean_recurrences_per_token", "gauge", "tier", "mean r per generated token, recent"),
     ("ray_rnc_serve_running_rows", "gauge", "tier", "sequences in the replica's engine (per replica)"),
@@ -137,6 +144,17 @@ def grafana_dashboard() -> str:
             f"sum by (tier) (rate(ray_rnc_serve_recurrences_total{{{tier}}}[$window])) / "
             f"sum by (tier) (rate(ray_rnc_serve_generated_tokens_total{{{tier}}}[$window]))",
             "{{tier}}",
+        ),
+    )
+    panel(
+        "Scored tokens / s and their mean r",
+        "short",
+        "Prompt tokens scored by full forwards (/v1/completions log-probabilities); mean r on the right.",
+        (f"sum by (tier) (rate(ray_rnc_serve_scored_tokens_total{{{tier}}}[$window]))", "tokens/s {{tier}}"),
+        (
+            f"sum by (tier) (rate(ray_rnc_serve_scored_recurrences_total{{{tier}}}[$window])) / "
+            f"sum by (tier) (rate(ray_rnc_serve_scored_tokens_total{{{tier}}}[$window]))",
+            "mean r {{tier}}",
         ),
     )
     panel(
