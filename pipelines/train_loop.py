@@ -308,7 +308,8 @@ def run_stage(job: StageJob, session: Session, work_dir: str | None = None) -> S
             for _ in range(stage.grad_accum):
                 x, y = next(loader)
                 with autocast:
-                    loss = model(x.to(device), targets=y.to(device), num_recur=r, bptt_k=rec.bptt_k)
+                    loss = model(x.to(device), targets=y.to(device), num_recur=r, bptt_k=rec.bptt_k,
+                                 supervise=rec.supervise, gate_entropy=rec.gate_entropy)
                 (loss / stage.grad_accum).backward()
                 loss_sum += loss.item() / stage.grad_accum
             grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), stage.grad_clip)
@@ -330,7 +331,8 @@ def run_stage(job: StageJob, session: Session, work_dir: str | None = None) -> S
             metrics = {
                 "step": done, "loss": loss_sum, "num_recur": r, "lr": optimizers[0].param_groups[-1]["lr"],
                 "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
-                "mfu": raw_model.flops_per_token(r, bptt_k=rec.bptt_k) * tok_s / (peak * session.world_size),
+                "mfu": raw_model.flops_per_token(r, bptt_k=rec.bptt_k, supervise=rec.supervise) * tok_s
+                / (peak * session.world_size),
                 "tokens_seen": done * tokens_per_step, "resumed_from": start_step,
             }
             if eval_now and session.rank == 0:

@@ -187,6 +187,8 @@ class ContinuousEngine:
             raise ValueError(f"decode.kv_cache={decode.kv_cache!r}: this engine's KV pool is {self.kv_cache!r}")
         if self.config.is_recursive and decode.num_recur > self.max_recur:
             raise ValueError(f"decode.num_recur={decode.num_recur} exceeds this engine's max_recur={self.max_recur}")
+        if decode.exit is not None and decode.exit.impl.uses_gate and not self.config.exit_gate:
+            raise ValueError(f"decode.exit={decode.exit}: this model has no exit gate (GPTConfig.exit_gate=false)")
         if self.pool.blocks_for(self._reserve(prompt, sampling)) > self.pool.num_blocks:
             raise RequestTooLarge(f"prompt ({len(prompt)}) + max_tokens ({sampling.max_tokens}) exceed the KV pool of "
                                   f"{self.pool.num_blocks * self.pool.block_size} tokens")

@@ -43,6 +43,9 @@ class GPTConfig:
     softcap: float = 15.0  # logit soft-cap (nanochat); 0 disables
     inject_mode: str = "concat_linear"  # how the prelude output e enters each recurrence: concat_linear | add
     state_init: str = "embed"  # initial state s0: embed (s0 = e) | zeros | noise (truncated normal, var 2/5)
+    # A learned per-token exit gate (Linear(D -> 1) on the state after each recurrence), trained beside the LM loss
+    # (see GPT.forward) and read by the 'learned' exit criterion at decode time.
+    exit_gate: bool = False
     # --- recurrence ---
     recurrence: RecurrenceSampling = field(default_factory=RecurrenceSampling)  # training draw of r, bptt_k
     decode: DecodeSettings = field(default_factory=DecodeSettings)  # what eval and decode use unless told otherwise
@@ -70,10 +73,16 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.inject_mode={self.inject_mode!r}; allowed {INJECT_MODES}")
         if self.state_init not in STATE_INITS:
             raise ValueError(f"GPTConfig.state_init={self.state_init!r}; allowed {STATE_INITS}")
+        if not isinstance(self.exit_gate, bool):
+            raise ValueError(f"GPTConfig.exit_gate={self.exit_gate!r} must be true or false")
+        if self.exit_gate and not self.is_recursive:
+            raise ValueError("GPTConfig.exit_gate=true needs a recurrent block (n_recur >= 1)")
         if not isinstance(self.recurrence, RecurrenceSampling):
             raise ValueError(f"GPTConfig.recurrence={self.recurrence!r} must be a RecurrenceSampling")
         if not isinstance(self.decode, DecodeSettings):
             raise ValueError(f"GPTConfig.decode={self.decode!r} must be a DecodeSettings")
+        if self.decode.exit is not None and self.decode.exit.impl.uses_gate and not self.exit_gate:
+            raise ValueError(f"GPTConfig.decode.exit={self.decode.exit} needs exit_gate=true")
 
     @property
     def head_dim(self) -> int:

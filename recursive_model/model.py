@@ -110,6 +110,7 @@ class GPT(nn.Module):
         use_adapter = config.is_recursive and config.inject_mode == "concat_linear"
         self.adapter = nn.Linear(2 * config.n_embd, config.n_embd, bias=False) if use_adapter else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.exit_gate = nn.Linear(config.n_embd, 1) if config.exit_gate else None
         cos, sin = self._rotary_table(config.sequence_len, config.head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -135,6 +136,10 @@ class GPT(nn.Module):
                 nn.init.uniform_(lin.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+        if self.exit_gate is not None:
+            # Start by stopping rarely (hazard ~0.12): the exit distribution begins spread over the late steps.
+            nn.init.zeros_(self.exit_gate.weight)
+            nn.init.constant_(self.exit_gate.bias, -2.0)
         if self.adapter is not None:
             # adapter([e, s]) = e at init: the recurrence starts as "re-read the prompt embedding".
             self.adapter.weight.zero_()
@@ -198,24 +203,36 @@ class GPT(nn.Module):
 
     # --- full forward (training, scoring) -------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, num_recur: int | None = None,
-                loss_reduction: str = "mean", bptt_k: int | None = None):
+                loss_reduction: str = "mean", bptt_k: int | None = None, supervise: int | None = None,
+                gate_entropy: float | None = None):
         """Logits (B, T, V) without targets; with targets (-1 = ignore) the cross-entropy ('mean' or 'none': (B*T,)).
 
         When gradients are enabled only the last `bptt_k` recurrences (default config.recurrence.bptt_k) are
-        differentiated (truncated BPTT). `num_recur` defaults to config.decode.num_recur.
+        differentiated (truncated BPTT), the loss is the mean over the last `supervise` of them (deep supervision,
+        default config.recurrence.supervise) and, with an exit gate, the gate's loss is added (see `_gate_loss`).
+        Without gradients (eval, scoring) the loss is the last recurrence's. `num_recur` defaults to
+        config.decode.num_recur.
         """
         B, T = idx.shape
         if T > self.config.sequence_len:
             raise ValueError(f"sequence of {T} tokens exceeds sequence_len={self.config.sequence_len}")
+        cfg = self.config
         cos, sin = self.cos[:, :T], self.sin[:, :T]
         x = norm(self.wte(idx))
         for block in self.prelude:
             x = block(x, cos, sin)
-        if self.config.is_recursive:
-            r = self.config.decode.num_recur if num_recur is None else int(num_recur)
-            k = self.config.recurrence.bptt_k if bptt_k is None else int(bptt_k)
+        states = [x]  # the coda's inputs whose loss counts (several under deep supervision)
+        if cfg.is_recursive:
+            r = cfg.decode.num_recur if num_recur is None else int(num_recur)
+            k = cfg.recurrence.bptt_k if bptt_k is None else int(bptt_k)
             if r < 1:
                 raise ValueError(f"num_recur={r} must be >= 1")
+            training = torch.is_grad_enabled() and targets is not None
+            n_sup = 1
+            if training:
+                n_sup = cfg.recurrence.supervise if supervise is None else int(supervise)
+                if n_sup < 1:
+                    raise ValueError(f"supervise={n_sup} must be >= 1")
             e = x
             s = self.initial_state(e)
             if torch.is_autocast_enabled(e.device.type):
@@ -230,16 +247,56 @@ class GPT(nn.Module):
             if torch.is_grad_enabled():
                 # Every differentiated step then sees a state that requires grad: one compiled graph, not two.
                 s = s.detach().requires_grad_()
-            for _ in range(r - n_frozen):
+            n_live = r - n_frozen
+            states = []
+            for i in range(n_live):
                 s = self._recur_step(s, e, cos, sin)
-            x = s
+                if i >= n_live - n_sup:
+                    states.append(s)
+        logits = [self.head(self._coda(x_t, cos, sin)) for x_t in states]
+        if targets is None:
+            return logits[-1]
+        flat = targets.reshape(-1)
+        losses = [F.cross_entropy(lg.view(-1, lg.size(-1)), flat, ignore_index=-1, reduction="none") for lg in logits]
+        per_token = torch.stack(losses).mean(0)  # (B*T,)
+        if self.exit_gate is not None and torch.is_grad_enabled() and cfg.is_recursive:
+            beta = cfg.recurrence.gate_entropy if gate_entropy is None else float(gate_entropy)
+            per_token = per_token + self._gate_loss(states, torch.stack(losses), beta)
+        if loss_reduction == "none":
+            return per_token
+        valid = (flat != -1).sum().clamp_min(1)
+        return per_token.sum() / valid
+
+    def gate_prob(self, s: torch.Tensor) -> torch.Tensor:
+        """Exit-gate probability of stopping after the recurrence that produced state s (..., D) -> (...)."""
+        logit = self.exit_gate(norm(s)).squeeze(-1)
+        return torch.sigmoid(logit.to(torch.promote_types(logit.dtype, torch.float32)))  # bf16 hazards saturate
+
+    def _gate_loss(self, states: list[torch.Tensor], losses: torch.Tensor, beta: float) -> torch.Tensor:
+        """Per-token loss of the exit gate over the supervised recurrences t = 1..n (Ouro-style, arXiv 2510.25741).
+
+        The gate's hazards lambda_t give an exit distribution p_t = lambda_t * prod_{j<t} (1 - lambda_j) (the last
+        step takes the rest). Loss = sum_t p_t * L_t - beta * H(p), with the LM losses L_t and the states detached: the
+        gate learns where the answer is already as good as it gets, and neither the LM nor the recurrence is pulled
+        towards steps the gate likes (the gate is a probe; the LM gradient is the same as without it).
+        Without the entropy term the distribution collapses onto one step. Returns (B*T,); 0 where targets are -1.
+        """
+        hazards = [self.gate_prob(s_t.detach()).reshape(-1) for s_t in states[:-1]]
+        p, survive = [], torch.ones_like(losses[0])
+        for lam in hazards:
+            p.append(survive * lam)
+            survive = survive * (1 - lam)
+        p.append(survive)
+        p = torch.stack(p)  # (n, B*T)
+        valid = losses[-1] != 0  # ignored targets have zero loss at every step
+        expected = (p * losses.detach()).sum(0)
+        entropy = -(p * p.clamp_min(1e-9).log()).sum(0)
+        return torch.where(valid, expected - beta * entropy, torch.zeros_like(expected))
+
+    def _coda(self, x, cos, sin):
         for block in self.coda:
             x = block(x, cos, sin)
-        logits = self.head(x)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+        return x
 
     # --- cached forward (decode) ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -323,7 +380,8 @@ class GPT(nn.Module):
         B = s.size(0)
         used = budgets.clone()
         active = torch.ones(B, dtype=torch.bool, device=dev)
-        checks = _ExitChecks(exits, dev) if any(x is not None for x in exits) else None
+        checks = (_ExitChecks(exits, dev, self.gate_prob if self.exit_gate is not None else None)
+                  if any(x is not None for x in exits) else None)
         for i in range(int(budgets.max())):
             active &= budgets > i
             if not bool(active.any()):
@@ -361,16 +419,22 @@ class GPT(nn.Module):
     def effective_depth(self, num_recur: int | None = None) -> int:
         return self.config.effective_depth(num_recur)
 
-    def flops_per_token(self, num_recur: int | None = None, training: bool = True, bptt_k: int | None = None) -> float:
-        """Matmul + attention FLOPs per token (forward 2N, backward 4N only for differentiated recurrences)."""
+    def flops_per_token(self, num_recur: int | None = None, training: bool = True, bptt_k: int | None = None,
+                        supervise: int = 1) -> float:
+        """Matmul + attention FLOPs per token (forward 2N, backward 4N only for differentiated recurrences).
+
+        `supervise` > 1 (deep supervision) runs the coda and head after that many recurrences instead of one.
+        """
         cfg = self.config
         r = (cfg.decode.num_recur if num_recur is None else num_recur) if cfg.is_recursive else 0
         block = sum(p.numel() for p in self.recur[0].parameters()) if cfg.is_recursive else 0
         adapter = self.adapter.weight.numel() if self.adapter is not None else 0
-        once = sum(p.numel() for b in [*self.prelude, *self.coda] for p in b.parameters()) + self.lm_head.weight.numel()
+        n_out = max(1, min(supervise, r)) if training and cfg.is_recursive else 1  # coda + head runs
+        coda_head = sum(p.numel() for b in self.coda for p in b.parameters()) + self.lm_head.weight.numel()
+        once = sum(p.numel() for b in self.prelude for p in b.parameters()) + n_out * coda_head
         per_iter = cfg.n_recur * block + adapter
         attn_per_layer = 2 * cfg.n_head * cfg.head_dim * cfg.sequence_len  # QK^T and AV, causal-averaged x2 fwd
-        layers_once, layers_iter = cfg.n_prelude + cfg.n_coda, cfg.n_recur
+        layers_once, layers_iter = cfg.n_prelude + n_out * cfg.n_coda, cfg.n_recur
         fwd = 2 * (once + r * per_iter) + attn_per_layer * (layers_once + r * layers_iter)
         if not training:
             return float(fwd)
@@ -382,7 +446,10 @@ class GPT(nn.Module):
 class _ExitChecks:
     """The exit rules of one decode step's rows, evaluated per criterion so rows with different rules share a step."""
 
-    def __init__(self, exits: list[ExitRule | None], device: torch.device):
+    def __init__(self, exits: list[ExitRule | None], device: torch.device, gate_prob=None):
+        if gate_prob is None and any(x is not None and x.impl.uses_gate for x in exits):
+            raise ValueError("exit criterion 'learned' needs a model with an exit gate (GPTConfig.exit_gate=true)")
+        self.gate_prob = gate_prob  # the model's GPT.gate_prob, or None without a gate
         self.threshold = torch.tensor([x.threshold if x else 0.0 for x in exits], dtype=torch.float64, device=device)
         self.min_recur = torch.tensor([x.min_recur if x else 1 for x in exits], dtype=torch.long, device=device)
         names = sorted({x.criterion for x in exits if x is not None})
@@ -409,8 +476,9 @@ class _ExitChecks:
                                                                     dtype=logp_new.dtype, device=idx.device))
                 logp_prev = store[rows] if i > 0 else None
                 store[rows] = logp_new
+            gate = self.gate_prob(s_new[local]) if crit.uses_gate else None
             conv = crit.converged(s_prev[local], s_new[local], logp_prev, logp_new,
-                                  self.threshold[rows].to(s_new.dtype))
+                                  self.threshold[rows].to(s_new.dtype), gate)
             exiting[local] = conv & (i + 1 >= self.min_recur[rows])
         return exiting
 

@@ -43,6 +43,13 @@ class RecurrenceSampling:
     sigma: float = 0.5  # log-normal sigma of the Poisson rate
     r_max: int = 16  # r is clamped to [1, r_max]
     bptt_k: int = 4  # gradients flow through the last k recurrences only (truncated BPTT)
+    # Deep supervision: the loss is the mean over the last `supervise` differentiated recurrences (coda + head after
+    # each), not only the last, so every state the block reaches must already answer and keep answering: what lets an
+    # exit fire early and more recurrences never hurt. 1 = the last recurrence only.
+    supervise: int = 1
+    # Weight of the entropy regulariser of a learned exit gate (GPTConfig.exit_gate); without it the gate's exit
+    # distribution collapses onto one step. Only read when the model has a gate.
+    gate_entropy: float = 0.05
 
     def __post_init__(self) -> None:
         o = "RecurrenceSampling"
@@ -53,6 +60,10 @@ class RecurrenceSampling:
                f"a number in [1, r_max={self.r_max}]")
         _check(o, "sigma", self.sigma, isinstance(self.sigma, int | float) and 0 < self.sigma <= MAX_SIGMA,
                f"a number in (0, {MAX_SIGMA}]")
+        _check(o, "supervise", self.supervise,
+               _is_int(self.supervise) and 1 <= self.supervise <= self.bptt_k, f"an int in [1, bptt_k={self.bptt_k}]")
+        _check(o, "gate_entropy", self.gate_entropy,
+               isinstance(self.gate_entropy, int | float) and self.gate_entropy >= 0, "a number >= 0")
 
     def sample(self, generator: torch.Generator | None = None) -> int:
         """One draw of r (use `sampling.recur_generator(seed, step)` so every rank and every resume agree)."""
@@ -66,18 +77,20 @@ class RecurrenceSampling:
 class ExitCriterion:
     """Decides, after each recurrence of a decoded token, whether that token has converged.
 
-    `converged(s_prev, s_new, logp_prev, logp_new, threshold)` gets the rows still recurring: states before and after
-    this recurrence (N, D), and, when `uses_logits`, the next-token log-probabilities after the previous and this
-    recurrence (N, V; `logp_prev` is None at the first recurrence). `threshold` is (N,): rows with different thresholds
-    share one call. Returns a bool (N,) tensor.
+    `converged(s_prev, s_new, logp_prev, logp_new, threshold, gate)` gets the rows still recurring: states before and
+    after this recurrence (N, D), and, when `uses_logits`, the next-token log-probabilities after the previous and this
+    recurrence (N, V; `logp_prev` is None at the first recurrence); when `uses_gate`, the model's exit-gate probability
+    after this recurrence (N,). `threshold` is (N,): rows with different thresholds share one call. Returns a bool (N,).
     """
 
     name: ClassVar[str]
     uses_logits: ClassVar[bool] = False
+    uses_gate: ClassVar[bool] = False  # needs a model with a trained exit gate (GPTConfig.exit_gate)
     description: ClassVar[str]
 
     def converged(self, s_prev: torch.Tensor, s_new: torch.Tensor, logp_prev: torch.Tensor | None,
-                  logp_new: torch.Tensor | None, threshold: torch.Tensor) -> torch.Tensor:
+                  logp_new: torch.Tensor | None, threshold: torch.Tensor,
+                  gate: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -85,7 +98,7 @@ class LatentExit(ExitCriterion):
     name = "latent"
     description = "relative change of the state |s_i - s_{i-1}| / |s_i| below the threshold"
 
-    def converged(self, s_prev, s_new, logp_prev, logp_new, threshold):
+    def converged(self, s_prev, s_new, logp_prev, logp_new, threshold, gate=None):
         change = (s_new - s_prev).norm(dim=-1) / s_new.norm(dim=-1).clamp_min(1e-12)
         return change < threshold
 
@@ -95,15 +108,26 @@ class KLExit(ExitCriterion):
     uses_logits = True
     description = "KL(p_i || p_{i-1}) of successive next-token distributions below the threshold"
 
-    def converged(self, s_prev, s_new, logp_prev, logp_new, threshold):
+    def converged(self, s_prev, s_new, logp_prev, logp_new, threshold, gate=None):
         if logp_prev is None:  # nothing to compare with after the first recurrence
             return torch.zeros(s_new.size(0), dtype=torch.bool, device=s_new.device)
         kl = (logp_new.exp() * (logp_new - logp_prev)).sum(-1)
         return kl < threshold
 
 
+class LearnedExit(ExitCriterion):
+    name = "learned"
+    uses_gate = True
+    description = "the model's trained exit gate: probability of stopping after this recurrence above the threshold"
+
+    def converged(self, s_prev, s_new, logp_prev, logp_new, threshold, gate=None):
+        if gate is None:
+            raise ValueError("exit criterion 'learned' needs a model with an exit gate (GPTConfig.exit_gate=true)")
+        return gate > threshold
+
+
 # The one registry of criteria: validators and `--help` texts read it.
-EXIT_CRITERIA: dict[str, ExitCriterion] = {c.name: c() for c in (LatentExit, KLExit)}
+EXIT_CRITERIA: dict[str, ExitCriterion] = {c.name: c() for c in (LatentExit, KLExit, LearnedExit)}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -211,3 +211,37 @@ def test_compiled_decode_equals_eager_with_graphs_bounded_by_blocks(tokenizer):
     assert compiled == eager
     n_blocks = model.config.n_prelude + model.config.n_recur + model.config.n_coda
     assert 0 < graphs <= 2 * n_blocks, graphs  # batch 1 may specialise once; r and exits never recompile
+
+
+def _recurrences_per_token(engine: ContinuousEngine, decode: DecodeSettings) -> list[int]:
+    rid = engine.submit([5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0), decode)
+    recurs = []
+    while engine.has_work:
+        recurs += [ev.step.num_recur for ev in engine.step() if ev.seq_id == rid and ev.step is not None]
+    return recurs
+
+
+def test_learned_exit_fires_on_the_gate(tokenizer):
+    model = contractive_model(tokenizer.vocab_size, exit_gate=True)
+    engine = engine_for(model, tokenizer, "exact")
+    learned = ExitRule(criterion="learned", threshold=0.5)
+    with torch.no_grad():  # a gate that always says "stop", then one that never does
+        model.exit_gate.weight.zero_()
+        model.exit_gate.bias.fill_(20.0)
+    # the first token comes from the prompt, which runs the full budget; generated tokens exit on the gate
+    assert _recurrences_per_token(engine, DecodeSettings(num_recur=6, exit=learned)) == [6, 1, 1, 1]
+    assert _recurrences_per_token(engine, DecodeSettings(num_recur=6, exit=ExitRule(
+        criterion="learned", threshold=0.5, min_recur=3))) == [6, 3, 3, 3]
+    with torch.no_grad():
+        model.exit_gate.bias.fill_(-20.0)
+    assert _recurrences_per_token(engine, DecodeSettings(num_recur=6, exit=learned)) == [6, 6, 6, 6]
+
+
+def test_learned_exit_needs_a_gate(model, tokenizer):
+    learned = ExitRule(criterion="learned", threshold=0.5)
+    with pytest.raises(ValueError, match="needs exit_gate=true"):
+        GPTConfig.from_preset("tiny", decode=dict(exit=learned))
+    with pytest.raises(ValueError, match="exit_gate=true needs a recurrent block"):
+        GPTConfig.from_preset("tiny", n_recur=0, exit_gate=True)
+    with pytest.raises(ValueError, match="no exit gate"):
+        engine_for(model, tokenizer, "exact").submit([5], GREEDY, DecodeSettings(exit=learned))

@@ -24,6 +24,7 @@ QUICK_RUNS = {
     "bptt_memory": [],
     "gpu": [],
     "continuous_batching": [],
+    "depth_pays": ["--problems", "12"],
 }
 # Scripts that promise to run where only torch, tiktoken, safetensors and numpy are installed (a lent GPU box): their
 # quick run starts with these imports blocked, so importing any of them, at load time or later, fails the run.
@@ -228,3 +229,20 @@ def test_continuous_batching_is_batch_invariant_and_accounts_recurrences(outputs
         assert part["mean_recur"] < part["r_max"]  # the exit rule fired
     trace = out["trace"]
     assert trace["continuous"]["tokens"] == trace["static"]["tokens"] > 0
+
+
+def test_depth_pays_trains_three_variants_for_the_same_flops(outputs):
+    out = outputs["depth_pays"]
+    res = out["seeds"]["0"]
+    assert set(res) == {"recipe", "iso", "unique"}
+    flops = [v["train_flops"] for v in res.values()]
+    assert max(flops) / min(flops) < 1.25  # steps scaled by FLOPs per token (6 recipe steps: rounding)
+    assert out["flops_per_token"]["recipe"] > out["flops_per_token"]["iso"] > out["flops_per_token"]["unique"]
+    for split, hops in (("eval", range(1, 5)), ("hard", range(5, 9))):
+        assert list(res["recipe"][split]["accuracy"]) == ["1", "2", "4", "8", "16"]
+        assert list(res["iso"][split]["accuracy"]) == ["1"]  # a plain GPT has no r
+        per_hop = res["recipe"][split]["adaptive"]["mean_recur_per_hop"]
+        assert set(per_hop) <= {str(h) for h in hops} and all(1 <= r <= 16 for r in per_hop.values())
+        assert all(0 <= a <= 1 for a in res["recipe"][split]["accuracy"].values())
+    assert set(out["checks"]) >= {"hard_r16_minus_iso_ge_15pt", "hop8_more_recurrences_than_hop2"}
+    assert out["goal_met"] == all(out["checks"].values())

@@ -125,7 +125,7 @@ def test_cli_without_adaptive_keeps_every_r(checkpoints, tmp_path, capsys):
     data = json.loads((out / "eval.json").read_text())
     assert data["adaptive"] is None and data["adaptive_results"] == {} and "baseline" not in data
     assert all(sorted(by_r, key=int) == ["1", "2", "4"] for by_r in data["results"].values())
-    assert data["task_names"] == {"reasoning": "Reasoning-chain-eval", "reasoning_hard": "Reasoning-chain-hard"}
+    assert data["task_names"] == {"reasoning": "Reasoning-pointer-eval", "reasoning_hard": "Reasoning-pointer-hard"}
     rows = _table_rows((out / "eval.md").read_text())
     assert rows[0] == ["task", "type", "r=1", "r=2", "r=4"]
     assert rows[-2][0] == "**ChatCORE**" and rows[-1][2:] == ["1.00", "2.00", "4.00"]
@@ -168,9 +168,10 @@ BAD_INPUTS = [
     ("r = 0", ["--recurrences", "1,0"], 2, "r=0 is invalid"),
     ("r not an int", ["--recurrences", "1,two"], 2, "r='two' is not an integer"),
     ("adaptive without threshold", ["--adaptive", "kl"], 2,
-     "argument --adaptive: exit rule 'kl' is not criterion:threshold[:min_recur]; criteria ['kl', 'latent']"),
+     "argument --adaptive: exit rule 'kl' is not criterion:threshold[:min_recur]; "
+     "criteria ['kl', 'latent', 'learned']"),
     ("adaptive unknown criterion", ["--adaptive", "entropy:1e-3"], 2,
-     "argument --adaptive: ExitRule.criterion='entropy' is invalid; allowed one of ['kl', 'latent']"),
+     "argument --adaptive: ExitRule.criterion='entropy' is invalid; allowed one of ['kl', 'latent', 'learned']"),
     ("adaptive threshold < 0", ["--adaptive", "latent:-1"], 2,
      "argument --adaptive: ExitRule.threshold=-1.0 is invalid; allowed a number >= 0"),
     ("source for a generated task", ["--task-source", "reasoning=x.jsonl"], 2, "'reasoning' is generated"),

@@ -38,7 +38,7 @@ def randomized(cfg: GPTConfig, seed: int = 0, std: float = 0.2) -> GPT:
         (dict(state_init="ones"), "state_init"),
         (dict(decode=dict(kv_cache="ring:0")), "kv_cache"),
         (dict(decode=dict(kv_cache="lru")), "kv_cache"),
-        (dict(decode=dict(exit="entropy:0.1")), r"ExitRule\.criterion='entropy'.*\['kl', 'latent'\]"),
+        (dict(decode=dict(exit="entropy:0.1")), r"ExitRule\.criterion='entropy'.*\['kl', 'latent', 'learned'\]"),
         (dict(decode=dict(num_recur=0)), r"DecodeSettings\.num_recur=0"),
         (dict(n_kv_head=3), "n_kv_head"),
     ],
@@ -77,7 +77,7 @@ def test_exit_rule_parse_and_registry():
     assert ExitRule.parse("kl:5e-4") == ExitRule(criterion="kl", threshold=5e-4)
     assert ExitRule.parse("latent:1e-3:2") == ExitRule(criterion="latent", threshold=1e-3, min_recur=2)
     assert str(ExitRule.parse("latent:0.001:2")) == "latent:0.001:2"
-    assert set(EXIT_CRITERIA) == {"kl", "latent"}
+    assert set(EXIT_CRITERIA) == {"kl", "latent", "learned"}
     for bad, field in [("kl", "criterion:threshold"), ("kl:abc", "criterion:threshold"), ("kl:-1", "threshold"),
                        ("entropy:1", "criterion"), ("kl:1:0", "min_recur")]:
         with pytest.raises(ValueError, match=field):

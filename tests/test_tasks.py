@@ -43,7 +43,13 @@ from recursive_model.tasks import (
     run_generative,
 )
 from recursive_model.tasks import execution as execution_module
-from recursive_model.tasks.reasoning import HARD_DIFFICULTY, PROMPT_MAX_BYTES, TRAIN_DIFFICULTY, is_held_out
+from recursive_model.tasks.reasoning import (
+    HARD_DIFFICULTY,
+    POINTER_STATEMENTS,
+    PROMPT_MAX_BYTES,
+    TRAIN_DIFFICULTY,
+    is_held_out,
+)
 from recursive_model.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
@@ -206,6 +212,40 @@ def test_reasoning_chain_answers_and_difficulty(order):
         assert hops == set(range(lo, hi + 1)), split
 
 
+def _follow_pointer(prompt: str) -> tuple[str, int]:
+    """(answer, hops) by following the asked name's copies down to its digit."""
+    *statements, question = prompt.split(";")
+    rhs = dict(st.split("=") for st in statements)
+    name, hops = question.rstrip("?"), 0
+    while not rhs[name].isdigit():
+        name, hops = rhs[name], hops + 1
+    return rhs[name], hops
+
+
+@pytest.mark.parametrize("order", ["forward", "shuffled"])
+def test_reasoning_pointer_answers_difficulty_and_shape(order):
+    for split, (lo, hi) in [("train", TRAIN_DIFFICULTY), ("eval", TRAIN_DIFFICULTY), ("hard", HARD_DIFFICULTY)]:
+        task = Reasoning("pointer", split, order=order, size=300)
+        hops = set()
+        for i, conversation in enumerate(task):
+            prompt, answer = (m["content"] for m in conversation["messages"])
+            statements = prompt.split(";")[:-1]
+            assert len(statements) == POINTER_STATEMENTS  # the length does not grow with difficulty
+            assert len({st.split("=")[0] for st in statements}) == POINTER_STATEMENTS  # one definition per name
+            assert sorted(st[2] for st in statements if st[2].isdigit()) == sorted(
+                set(st[2] for st in statements if st[2].isdigit()))  # three chains, three distinct digits
+            assert (answer, task.problem(i)[2]) == _follow_pointer(prompt)
+            assert answer in "0123456789"  # every split answers a digit: hard tests depth, not unseen outputs
+            if order == "forward":  # every definition comes before its use
+                seen = set()
+                for st in statements:
+                    lhs, rhs = st.split("=")
+                    assert rhs.isdigit() or rhs in seen
+                    seen.add(lhs)
+            hops.add(task.problem(i)[2])
+        assert hops == set(range(lo, hi + 1)), split
+
+
 def test_reasoning_sum_answers():
     for split in ("train", "eval", "hard"):
         for conversation in Reasoning("sum", split, size=100):
@@ -214,7 +254,7 @@ def test_reasoning_sum_answers():
 
 
 def test_reasoning_held_out_sets_are_fixed_and_disjoint_from_training():
-    for kind in ("chain", "sum"):
+    for kind in ("pointer", "chain", "sum"):
         train = {c["messages"][0]["content"] for c in Reasoning(kind, "train", size=3000)}
         train |= {c["messages"][0]["content"] for c in Reasoning(kind, "train", size=3000, seed=1)}
         for split in ("eval", "hard"):
@@ -229,7 +269,8 @@ def test_reasoning_held_out_sets_are_fixed_and_disjoint_from_training():
 
 
 def test_reasoning_prompts_stay_short(tokenizer):
-    hardest = [Reasoning("chain", "hard", difficulty=8, size=200), Reasoning("sum", "hard", difficulty=16, size=200)]
+    hardest = [Reasoning("chain", "hard", difficulty=8, size=200), Reasoning("sum", "hard", difficulty=16, size=200),
+               Reasoning("pointer", "hard", difficulty=9, size=200)]
     for task in hardest:
         for conversation in task:
             assert len(conversation["messages"][0]["content"].encode()) <= PROMPT_MAX_BYTES
@@ -251,7 +292,8 @@ def test_reasoning_rejects_bad_config():
     for kwargs, field in [
         ({"kind": "tree"}, "kind"),
         ({"split": "test"}, "split"),
-        ({"difficulty": 9}, "difficulty"),
+        ({"difficulty": 10}, "difficulty"),  # pointer: at most POINTER_STATEMENTS - 3 hops
+        ({"kind": "chain", "difficulty": 9}, "difficulty"),
         ({"difficulty": (3, 2)}, "difficulty"),
         ({"kind": "sum", "order": "shuffled"}, "order"),
         ({"size": 0}, "size"),

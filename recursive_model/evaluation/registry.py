@@ -19,8 +19,9 @@ class EvalTaskSpec:
 
 EVAL_TASKS: dict[str, EvalTaskSpec] = {
     # Generated tasks: no download, fixed held-out problems.
-    "reasoning": EvalTaskSpec(partial(Reasoning, kind="chain", split="eval")),
-    "reasoning_hard": EvalTaskSpec(partial(Reasoning, kind="chain", split="hard")),  # beyond training difficulty
+    "reasoning": EvalTaskSpec(partial(Reasoning, kind="pointer", split="eval")),
+    "reasoning_hard": EvalTaskSpec(partial(Reasoning, kind="pointer", split="hard")),  # beyond training difficulty
+    "reasoning_chain": EvalTaskSpec(partial(Reasoning, kind="chain", split="eval")),  # variable tracking with +-
     "reasoning_sum": EvalTaskSpec(partial(Reasoning, kind="sum", split="eval")),
     "reasoning_sum_hard": EvalTaskSpec(partial(Reasoning, kind="sum", split="hard")),
     # max_digits=2 matches the CPU mixtures (mid-cpu, sft-cpu), the only ones that train arithmetic.

@@ -120,15 +120,19 @@ MIXTURE_PRESETS: dict[str, list[dict[str, Any]]] = {
         {"source": "identity", "count": 500},
         {"source": "arithmetic", "count": 4000, "kwargs": {"size": 4000, "max_digits": 2}},
         {"source": "spelling_bee", "count": 1000, "kwargs": {"size": 1000}},
-        {"source": "reasoning", "count": 8000, "kwargs": {"kind": "chain", "size": 8000}},
+        {"source": "reasoning", "count": 8000, "kwargs": {"kind": "pointer", "size": 8000}},
         {"source": "reasoning", "count": 4000, "kwargs": {"kind": "sum", "size": 4000}},
     ],
     "sft-cpu": [
         {"source": "identity", "count": 200, "kwargs": {"seed": 1}},
         {"source": "arithmetic", "count": 1000, "kwargs": {"size": 1000, "seed": 1, "max_digits": 2}},
         {"source": "spelling_bee", "count": 300, "kwargs": {"size": 300, "seed": 1}},
-        {"source": "reasoning", "count": 3000, "kwargs": {"kind": "chain", "size": 3000, "seed": 1}},
+        {"source": "reasoning", "count": 3000, "kwargs": {"kind": "pointer", "size": 3000, "seed": 1}},
         {"source": "reasoning", "count": 1000, "kwargs": {"kind": "sum", "size": 1000, "seed": 1}},
+    ],
+    # Pointer chasing only (1-4 hops): the data of the depth recipe and of benchmarks/depth_pays.py.
+    "depth": [
+        {"source": "reasoning", "count": 20_000, "kwargs": {"kind": "pointer", "size": 20_000, "seed": 2}},
     ],
     "mid-real": [
         {"source": "smoltalk", "weight": 1.0, "kwargs": {"split": "train"}},

@@ -1,10 +1,16 @@
-"""A CPU-scale reasoning task where more recurrences should help: multi-hop variable tracking or multi-operand sums.
+"""CPU-scale reasoning tasks where more recurrences should help: pointer chasing, variable tracking, operand sums.
 
-  chain, difficulty 3:  user "k=7;d=k+5;w=d-3;z=w+2;z?"   assistant "11"
-  sum,   difficulty 3:  user "3+5+2+7=?"                  assistant "17"
+  pointer, difficulty 2: user "q=c;c=4;t=8;x=t;d=q;...;d?"  assistant "4"    (d -> q -> c -> 4)
+  chain,   difficulty 3: user "k=7;d=k+5;w=d-3;z=w+2;z?"    assistant "11"
+  sum,     difficulty 3: user "3+5+2+7=?"                   assistant "17"
 
-Difficulty is the number of hops (chain: derived assignments; sum: additions). The answer is one short number and
-there is no chain of thought, so the work has to happen in depth, i.e. in the recurrences. Splits:
+Difficulty is the number of hops (pointer: copies to follow; chain: derived assignments; sum: additions).
+`pointer` is the depth task: every prompt holds POINTER_STATEMENTS statements in three disjoint chains (the asked
+one and two distractors), each ending in a distinct digit, so one hop is one lookup, answers are always 0-9 at every
+difficulty (the hard split tests depth, not unseen outputs) and the length does not grow with difficulty. Once the
+pointer reaches the digit, further hops keep it there: the answer is a fixed point of the recurrence.
+The answer is one short number and there is no chain of thought, so the work has to happen in depth, i.e. in the
+recurrences. Splits:
   train  difficulty 1-4, any seed, any size;
   eval   difficulty 1-4, a fixed held-out set (EVAL_SIZE problems, seed fixed);
   hard   difficulty 5-8, a fixed held-out set beyond the training difficulty, to test whether more test-time
@@ -31,12 +37,14 @@ from recursive_model.tasks.base import (
     strip_special,
 )
 
-KINDS = ("chain", "sum")
+KINDS = ("pointer", "chain", "sum")
 ORDERS = ("forward", "shuffled")
 REASONING_SPLITS = ("train", "eval", "hard")
 TRAIN_DIFFICULTY = (1, 4)
 HARD_DIFFICULTY = (5, 8)
-MAX_DIFFICULTY = {"chain": 8, "sum": 16}  # chain is ~6 bytes per hop: 8 hops keep the prompt under PROMPT_MAX_BYTES
+POINTER_STATEMENTS = 12  # statements per pointer prompt: 12 * 4 bytes + the query stay under PROMPT_MAX_BYTES
+# pointer: two distractor chains need >= 2 statements; chain: ~6 bytes per hop, 8 hops stay under PROMPT_MAX_BYTES
+MAX_DIFFICULTY = {"pointer": POINTER_STATEMENTS - 3, "chain": 8, "sum": 16}
 EVAL_SIZE = 500  # size of the fixed eval and hard sets
 TRAIN_SIZE = 10_000  # default train size; any size works, examples are generated on demand
 HELDOUT_MOD = 10  # 1 in 10 problems is held out
@@ -61,6 +69,33 @@ def _chain(rng: random.Random, hops: int, order: str) -> tuple[str, str]:
     return ";".join(statements) + f";{names[-1]}?", str(value)
 
 
+def _pointer(rng: random.Random, hops: int, order: str) -> tuple[str, str]:
+    """Pointer chasing: the asked chain has `hops` copies above its digit; two distractor chains fill the rest.
+
+    forward: each chain in dependency order, the chains interleaved at random (every definition precedes its use);
+    shuffled: any order. Either way which statements belong to the asked chain is only found by following it.
+    """
+    names = rng.sample(_VARS, POINTER_STATEMENTS)  # one name per statement: chains are disjoint
+    rest = POINTER_STATEMENTS - (hops + 1)
+    split = rng.randint(1, rest - 1)
+    digits = rng.sample("0123456789", 3)
+    chains, start = [], 0
+    for length, digit in zip((hops + 1, split, rest - split), digits, strict=True):
+        own = names[start:start + length]
+        start += length
+        chains.append([f"{own[0]}={digit}"] + [f"{b}={a}" for a, b in zip(own, own[1:], strict=False)])
+    if order == "shuffled":
+        statements = [st for chain in chains for st in chain]
+        rng.shuffle(statements)
+    else:
+        statements, heads = [], [0, 0, 0]
+        while len(statements) < POINTER_STATEMENTS:
+            j = rng.choice([j for j in range(3) if heads[j] < len(chains[j])])
+            statements.append(chains[j][heads[j]])
+            heads[j] += 1
+    return ";".join(statements) + f";{names[hops]}?", digits[0]
+
+
 def _sum(rng: random.Random, additions: int) -> tuple[str, str]:
     """Multi-operand addition of single digits."""
     operands = [rng.randint(1, 9) for _ in range(additions + 1)]
@@ -77,7 +112,7 @@ class Reasoning(Task):
 
     def __init__(
         self,
-        kind: str = "chain",
+        kind: str = "pointer",
         split: str = "train",
         difficulty: int | tuple[int, int] | list[int] | None = None,
         size: int | None = None,
@@ -89,8 +124,8 @@ class Reasoning(Task):
         check_choice("Reasoning.kind", kind, KINDS)
         check_choice("Reasoning.split", split, REASONING_SPLITS)
         check_choice("Reasoning.order", order, ORDERS)
-        if order == "shuffled" and kind != "chain":
-            raise ValueError(f"Reasoning.order='shuffled' needs kind='chain', got kind={kind!r}")
+        if order == "shuffled" and kind == "sum":
+            raise ValueError(f"Reasoning.order='shuffled' needs kind='pointer' or 'chain', got kind={kind!r}")
         if split != "train" and seed != 0:
             # Held-out sets are fixed so every run scores on the same problems.
             raise ValueError(f"Reasoning.seed={seed} must be 0 for split={split!r} (held-out sets are fixed)")
@@ -125,7 +160,12 @@ class Reasoning(Task):
         want_held_out = self.split != "train"
         for _ in range(_MAX_TRIES):
             hops = rng.randint(*self.difficulty)
-            prompt, answer = _chain(rng, hops, self.order) if self.kind == "chain" else _sum(rng, hops)
+            if self.kind == "pointer":
+                prompt, answer = _pointer(rng, hops, self.order)
+            elif self.kind == "chain":
+                prompt, answer = _chain(rng, hops, self.order)
+            else:
+                prompt, answer = _sum(rng, hops)
             if is_held_out(prompt) == want_held_out:
                 return prompt, answer, hops
         raise RuntimeError(f"Reasoning: no {self.split} problem found in {_MAX_TRIES} tries at index {index}")

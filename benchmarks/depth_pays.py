@@ -1,0 +1,222 @@
+"""Does depth pay? The depth recipe and two plain-GPT baselines trained for the same FLOPs, side by side in one run.
+
+Every variant is trained by the project's one training loop (`pipelines.train_loop.run_stage`, a local session) as an
+SFT stage on the `depth` mixture: pointer chasing with 1-4 hops (recursive_model/tasks/reasoning.py). Variants:
+  recipe   recursive GPT (P, R, C) = (1, 1, 1), r ~ Poisson log-normal (mean 4, r_max 16), bptt_k 4, deep
+           supervision over the 4 differentiated recurrences, learned exit gate
+  iso      plain GPT with the recipe's effective depth at the trained mean r (1 + 4 + 1 = 6 layers), trained for the
+           recipe's FLOPs (steps scaled by the FLOPs-per-token ratio)
+  unique   plain GPT with the recipe's unique layers (3), same FLOPs
+Scoring is on fresh held-out problems (split eval: 1-4 hops; hard: 5-8 hops), by the answer token's argmax at the
+end of the prompt (= greedy decoding's first token), at r = 1, 2, 4, 8, 16. Adaptive exit: the learned gate
+(hazard > 0.5) on the answer token, giving its accuracy and mean r per hop count. Repeated over `--seeds`.
+
+    python benchmarks/depth_pays.py [--quick] [--steps N] [--seeds 0,1]
+
+Prints one JSON object: per seed and variant the accuracies, per-hop mean r, training FLOPs; then `goal_met`
+(issue 11's goals 1-3 on the mean over seeds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks._common import emit, environment, parser  # noqa: E402
+from checkpoints import Storage, list_checkpoints, load_checkpoint  # noqa: E402
+from pipelines.config import PipelineConfig  # noqa: E402
+from pipelines.dag import _train_tokenizer  # noqa: E402
+from pipelines.train_loop import LocalSession, StageJob, run_stage  # noqa: E402
+from recursive_model import GPT, GPTConfig, Tokenizer  # noqa: E402
+from recursive_model.tasks.reasoning import HARD_DIFFICULTY, TRAIN_DIFFICULTY, Reasoning  # noqa: E402
+
+RS = (1, 2, 4, 8, 16)
+GATE_THRESHOLD = 0.5
+WIDTH = dict(n_embd=64, n_head=1, n_kv_head=1)  # one head of 64: small heads never learned the lookup (LOG.md)
+RECURRENCE = dict(mean=4.0, sigma=0.5, r_max=16, bptt_k=4, supervise=4, gate_entropy=0.05)
+VARIANTS = {
+    "recipe": dict(n_prelude=1, n_recur=1, n_coda=1, exit_gate=True, recurrence=RECURRENCE),
+    "iso": dict(n_prelude=6, n_recur=0, n_coda=0),
+    "unique": dict(n_prelude=3, n_recur=0, n_coda=0),
+}
+
+
+def model_config(name: str, vocab: int) -> dict:
+    return {"preset": "tiny", "vocab_size": vocab, "sequence_len": 64, **WIDTH, **VARIANTS[name]}
+
+
+def flops_per_token(name: str, vocab: int) -> float:
+    cfg = GPTConfig.from_preset("tiny", **{k: v for k, v in model_config(name, vocab).items() if k != "preset"})
+    with torch.device("meta"):
+        model = GPT(cfg)
+    if cfg.is_recursive:
+        rec = cfg.recurrence
+        return model.flops_per_token(round(rec.mean), bptt_k=rec.bptt_k, supervise=rec.supervise)
+    return model.flops_per_token()
+
+
+def pipeline_config(root: str, name: str, vocab: int, steps: int, seed: int, batch: int) -> PipelineConfig:
+    stage = dict(name="sft", data="depth", steps=steps, batch_size=batch, lr=3e-3, embedding_lr=3e-2, head_lr=3e-3,
+                 warmup_steps=20, eval_every=steps, eval_batches=1, checkpoint_every=steps,
+                 log_every=max(1, steps // 5))
+    return PipelineConfig.from_preset(
+        "tiny", run_name=f"{name}-s{seed}", seed=seed, model=model_config(name, vocab), stages=[stage],
+        storage={"uri": root}, tokenizer={"max_chars": 300_000}, wandb={"mode": "disabled"},
+        scaling={"num_workers": 1, "cpus_per_worker": 1.0}, max_failures=0,
+    )
+
+
+@torch.no_grad()
+def answer_scores(model: GPT, tokenizer: Tokenizer, task: Reasoning) -> dict:
+    """Accuracy at each r, and under the learned exit, of the answer token predicted at the end of each prompt."""
+    prompts, answers, hops = [], [], []
+    for i in range(len(task)):
+        conv = task[i]
+        prompts.append(tokenizer.render_for_completion(conv))
+        answers.append(tokenizer.encode(conv["messages"][-1]["content"])[0])
+        hops.append(task.problem(i)[2])  # no slicing: item i is underlying problem i
+    T = max(map(len, prompts))
+    x = torch.zeros(len(prompts), T, dtype=torch.long)
+    last = torch.tensor([len(p) - 1 for p in prompts])
+    for b, p in enumerate(prompts):
+        x[b, : len(p)] = torch.tensor(p)  # right-padded: causal attention never sees the padding
+    y = torch.tensor(answers)
+    rows = torch.arange(len(prompts))
+    cfg = model.config
+    rs = RS if cfg.is_recursive else (1,)
+    acc, correct_at = {}, {}
+    for r in range(1, max(rs) + 1) if cfg.is_recursive else rs:
+        pred = model(x, num_recur=r)[rows, last].argmax(-1)
+        correct_at[r] = pred == y
+        if r in rs:
+            acc[r] = correct_at[r].float().mean().item()
+    out = {"accuracy": {str(r): round(a, 4) for r, a in acc.items()}}
+    if cfg.exit_gate:
+        exit_r = _gate_exit(model, x, last, max(rs))
+        right = torch.stack([correct_at[int(r)][b] for b, r in enumerate(exit_r)])
+        hops_t = torch.tensor(hops)
+        out["adaptive"] = {
+            "accuracy": round(right.float().mean().item(), 4),
+            "mean_recur": round(exit_r.float().mean().item(), 3),
+            "mean_recur_per_hop": {str(h): round(exit_r[hops_t == h].float().mean().item(), 3)
+                                   for h in sorted(set(hops))},
+        }
+    return out
+
+
+def _gate_exit(model: GPT, x: torch.Tensor, last: torch.Tensor, r_max: int) -> torch.Tensor:
+    """Recurrences the learned exit would run on each prompt's last token: first r with hazard > threshold."""
+    T = x.size(1)
+    cos, sin = model.cos[:, :T], model.sin[:, :T]
+    h = torch.nn.functional.rms_norm(model.wte(x), (model.config.n_embd,))
+    for block in model.prelude:
+        h = block(h, cos, sin)
+    s = model.initial_state(h)
+    rows = torch.arange(x.size(0))
+    exit_r = torch.full((x.size(0),), r_max)
+    done = torch.zeros(x.size(0), dtype=torch.bool)
+    for r in range(1, r_max + 1):
+        s = model.recur_step(s, h, cos, sin)
+        fire = (model.gate_prob(s[rows, last]) > GATE_THRESHOLD) & ~done
+        exit_r[fire] = r
+        done |= fire
+    return exit_r
+
+
+def train_variant(root: str, tok_path: str, name: str, vocab: int, steps: int, seed: int, batch: int) -> dict:
+    cfg = pipeline_config(root, name, vocab, steps, seed, batch)
+    st = Storage(cfg.storage)
+    job = StageJob(cfg, "sft", tok_path, st.join(cfg.run_name, "sft"))
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # progress lines; stdout carries only the JSON
+        run_stage(job, LocalSession(job))
+    seconds = time.perf_counter() - t0
+    _, newest = list_checkpoints(st, job.stage_path)[0]
+    model = load_checkpoint(st.local_dir(newest, os.path.join(root, f"dl-{cfg.run_name}"))).model.eval()
+    return {"model": model, "steps": steps, "train_seconds": round(seconds, 1),
+            "train_flops": flops_per_token(name, vocab) * steps * batch * 64}
+
+
+def goals(result: dict) -> dict:
+    """Issue 11's goals 1-3 on the mean over seeds."""
+    def mean(path):
+        vals = []
+        for seed_res in result["seeds"].values():
+            v = seed_res
+            for key in path:
+                v = v.get(key, float("nan")) if isinstance(v, dict) else v
+            vals.append(v)
+        return sum(vals) / len(vals)  # nan (every check false) when a hop count had no problem
+    rec = lambda split, r: mean(("recipe", split, "accuracy", str(r)))  # noqa: E731
+    monotone = all(rec(sp, b) >= rec(sp, a) - 0.02 for sp in ("eval", "hard") for a, b in zip(RS, RS[1:], strict=False))
+    hard16, hard2 = rec("hard", 16), rec("hard", 2)
+    iso, unique = mean(("iso", "hard", "accuracy", "1")), mean(("unique", "hard", "accuracy", "1"))
+    best_easy = max(rec("eval", r) for r in RS)
+    ad_acc, ad_r = mean(("recipe", "eval", "adaptive", "accuracy")), mean(("recipe", "eval", "adaptive", "mean_recur"))
+    per_hop = {h: mean(("recipe", sp, "adaptive", "mean_recur_per_hop", str(h)))
+               for sp, hs in (("eval", (2,)), ("hard", (8,))) for h in hs}
+    checks = {
+        "accuracy_not_falling_with_r": monotone,
+        "hard_r16_minus_r2_ge_15pt": hard16 - hard2 >= 0.15,
+        "hard_r16_minus_iso_ge_15pt": hard16 - iso >= 0.15,
+        "hard_r16_above_unique": hard16 > unique,
+        "adaptive_within_1pt_of_best": ad_acc >= best_easy - 0.01,
+        "adaptive_mean_r_le_half_r_max": ad_r <= max(RS) / 2,
+        "hop8_more_recurrences_than_hop2": per_hop[8] > per_hop[2],
+    }
+    return {"checks": checks, "goal_met": all(checks.values()),
+            "summary": {"hard_r16": hard16, "hard_r2": hard2, "hard_iso": iso, "hard_unique": unique,
+                        "eval_best_fixed": best_easy, "eval_adaptive": ad_acc, "eval_adaptive_mean_r": ad_r,
+                        "adaptive_mean_r_hop2": per_hop[2], "adaptive_mean_r_hop8": per_hop[8]}}
+
+
+def main() -> None:
+    ap = parser(__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=None, help="recipe steps (baselines: same FLOPs)")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1; --quick: 0)")
+    ap.add_argument("--problems", type=int, default=None, help="fresh problems per split")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # the CPU is shared; one thread is faster than two under contention (LOG.md)
+    steps = args.steps or (6 if args.quick else 1500)
+    seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
+    problems = args.problems or (16 if args.quick else 400)
+    batch, vocab = (4 if args.quick else 32), 300
+    fpt = {name: flops_per_token(name, vocab) for name in VARIANTS}
+    result: dict = {
+        "benchmark": "depth_pays", "quick": bool(args.quick), "env": environment(),
+        "goal": "issue 11: accuracy not falling in r; hard r16 >= r2 + 15pt and >= iso-FLOP GPT + 15pt, > unique-layer "
+                "GPT; learned exit within 1pt of best fixed r at <= r_max/2, more r on 8 hops than on 2",
+        "steps_recipe": steps, "flops_per_token": fpt, "seeds": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="rnc-depth-") as root:
+        base = pipeline_config(root, "recipe", vocab, steps, 0, batch)
+        tok_cfg = base.replace(run_name="shared")
+        with contextlib.redirect_stdout(sys.stderr):
+            _train_tokenizer(tok_cfg)
+        tok_path = Storage(tok_cfg.storage).join("shared", "tokenizer")
+        tokenizer = Tokenizer.load(Storage(tok_cfg.storage).local_dir(tok_path, os.path.join(root, "tok")))
+        splits = {"eval": Reasoning(kind="pointer", split="eval", size=problems),
+                  "hard": Reasoning(kind="pointer", split="hard", size=problems)}
+        for seed in seeds:
+            per_seed = {}
+            for name in VARIANTS:
+                n_steps = max(1, round(steps * fpt["recipe"] / fpt[name]))  # same training FLOPs as the recipe
+                trained = train_variant(root, tok_path, name, vocab, n_steps, seed, batch)
+                model = trained.pop("model")
+                per_seed[name] = {**trained, **{sp: answer_scores(model, tokenizer, t) for sp, t in splits.items()}}
+                print(f"[depth_pays] seed {seed} {name}: {per_seed[name]}", file=sys.stderr, flush=True)
+            result["seeds"][str(seed)] = per_seed
+    result.update(goals(result))
+    result["train_difficulty"], result["hard_difficulty"] = TRAIN_DIFFICULTY, HARD_DIFFICULTY
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
