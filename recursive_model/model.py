@@ -261,7 +261,7 @@ class GPT(nn.Module):
         per_token = torch.stack(losses).mean(0)  # (B*T,)
         if self.exit_gate is not None and torch.is_grad_enabled() and cfg.is_recursive:
             beta = cfg.recurrence.gate_entropy if gate_entropy is None else float(gate_entropy)
-            per_token = per_token + self._gate_loss(states, torch.stack(losses), beta)
+            per_token = per_token + self._gate_loss(states, torch.stack(losses), flat != -1, beta)
         if loss_reduction == "none":
             return per_token
         valid = (flat != -1).sum().clamp_min(1)
@@ -272,14 +272,15 @@ class GPT(nn.Module):
         logit = self.exit_gate(norm(s)).squeeze(-1)
         return torch.sigmoid(logit.to(torch.promote_types(logit.dtype, torch.float32)))  # bf16 hazards saturate
 
-    def _gate_loss(self, states: list[torch.Tensor], losses: torch.Tensor, beta: float) -> torch.Tensor:
+    def _gate_loss(self, states: list[torch.Tensor], losses: torch.Tensor, valid: torch.Tensor,
+                   beta: float) -> torch.Tensor:
         """Per-token loss of the exit gate over the supervised recurrences t = 1..n (Ouro-style, arXiv 2510.25741).
 
         The gate's hazards lambda_t give an exit distribution p_t = lambda_t * prod_{j<t} (1 - lambda_j) (the last
         step takes the rest). Loss = sum_t p_t * L_t - beta * H(p), with the LM losses L_t and the states detached: the
         gate learns where the answer is already as good as it gets, and neither the LM nor the recurrence is pulled
         towards steps the gate likes (the gate is a probe; the LM gradient is the same as without it).
-        Without the entropy term the distribution collapses onto one step. Returns (B*T,); 0 where targets are -1.
+        Without the entropy term the distribution collapses onto one step. Returns (B*T,); 0 where `valid` is false.
         """
         hazards = [self.gate_prob(s_t.detach()).reshape(-1) for s_t in states[:-1]]
         p, survive = [], torch.ones_like(losses[0])
@@ -288,7 +289,6 @@ class GPT(nn.Module):
             survive = survive * (1 - lam)
         p.append(survive)
         p = torch.stack(p)  # (n, B*T)
-        valid = losses[-1] != 0  # ignored targets have zero loss at every step
         expected = (p * losses.detach()).sum(0)
         entropy = -(p * p.clamp_min(1e-9).log()).sum(0)
         return torch.where(valid, expected - beta * entropy, torch.zeros_like(expected))
