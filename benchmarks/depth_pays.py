@@ -90,16 +90,20 @@ def answer_scores(model: GPT, tokenizer: Tokenizer, task: Reasoning) -> dict:
     y = torch.tensor(answers)
     rows = torch.arange(len(prompts))
     cfg = model.config
+    correct_at, exit_r = {}, torch.full((len(prompts),), max(RS))
+    if not cfg.is_recursive:
+        correct_at[1] = model(x)[rows, last].argmax(-1) == y
+    else:  # one forward to r_max gives the answer at every r, and where the learned exit fires
+        fired = torch.zeros(len(prompts), dtype=torch.bool)
+        for r, state, logits in model.iterate(x, max(RS)):
+            correct_at[r] = logits[rows, last].argmax(-1) == y
+            if cfg.exit_gate:
+                fire = (model.gate_prob(state[rows, last]) > GATE_THRESHOLD) & ~fired
+                exit_r[fire] = r
+                fired |= fire
     rs = RS if cfg.is_recursive else (1,)
-    acc, correct_at = {}, {}
-    for r in range(1, max(rs) + 1) if cfg.is_recursive else rs:
-        pred = model(x, num_recur=r)[rows, last].argmax(-1)
-        correct_at[r] = pred == y
-        if r in rs:
-            acc[r] = correct_at[r].float().mean().item()
-    out = {"accuracy": {str(r): round(a, 4) for r, a in acc.items()}}
+    out = {"accuracy": {str(r): round(correct_at[r].float().mean().item(), 4) for r in rs}}
     if cfg.exit_gate:
-        exit_r = _gate_exit(model, x, last, max(rs))
         right = torch.stack([correct_at[int(r)][b] for b, r in enumerate(exit_r)])
         hops_t = torch.tensor(hops)
         out["adaptive"] = {
@@ -109,25 +113,6 @@ def answer_scores(model: GPT, tokenizer: Tokenizer, task: Reasoning) -> dict:
                                    for h in sorted(set(hops))},
         }
     return out
-
-
-def _gate_exit(model: GPT, x: torch.Tensor, last: torch.Tensor, r_max: int) -> torch.Tensor:
-    """Recurrences the learned exit would run on each prompt's last token: first r with hazard > threshold."""
-    T = x.size(1)
-    cos, sin = model.cos[:, :T], model.sin[:, :T]
-    h = torch.nn.functional.rms_norm(model.wte(x), (model.config.n_embd,))
-    for block in model.prelude:
-        h = block(h, cos, sin)
-    s = model.initial_state(h)
-    rows = torch.arange(x.size(0))
-    exit_r = torch.full((x.size(0),), r_max)
-    done = torch.zeros(x.size(0), dtype=torch.bool)
-    for r in range(1, r_max + 1):
-        s = model.recur_step(s, h, cos, sin)
-        fire = (model.gate_prob(s[rows, last]) > GATE_THRESHOLD) & ~done
-        exit_r[fire] = r
-        done |= fire
-    return exit_r
 
 
 def train_variant(root: str, tok_path: str, name: str, vocab: int, steps: int, seed: int, batch: int) -> dict:

@@ -213,14 +213,8 @@ class GPT(nn.Module):
         Without gradients (eval, scoring) the loss is the last recurrence's. `num_recur` defaults to
         config.decode.num_recur.
         """
-        B, T = idx.shape
-        if T > self.config.sequence_len:
-            raise ValueError(f"sequence of {T} tokens exceeds sequence_len={self.config.sequence_len}")
         cfg = self.config
-        cos, sin = self.cos[:, :T], self.sin[:, :T]
-        x = norm(self.wte(idx))
-        for block in self.prelude:
-            x = block(x, cos, sin)
+        x, cos, sin = self._prelude(idx)
         states = [x]  # the coda's inputs whose loss counts (several under deep supervision)
         if cfg.is_recursive:
             r = cfg.decode.num_recur if num_recur is None else int(num_recur)
@@ -266,6 +260,32 @@ class GPT(nn.Module):
             return per_token
         valid = (flat != -1).sum().clamp_min(1)
         return per_token.sum() / valid
+
+    @torch.no_grad()
+    def iterate(self, idx: torch.Tensor, num_recur: int):
+        """Yield (r, state (B, T, D), logits (B, T, V)) after each recurrence r = 1..num_recur of one forward.
+
+        logits at r are what `forward(idx, num_recur=r)` returns, for every r at the cost of the largest one (curves
+        of accuracy vs r, where an exit would fire).
+        """
+        if not self.config.is_recursive:
+            raise ValueError("iterate needs a recurrent block (n_recur >= 1)")
+        e, cos, sin = self._prelude(idx)
+        s = self.initial_state(e)
+        for r in range(1, num_recur + 1):
+            s = self._recur_step(s, e, cos, sin)
+            yield r, s, self.head(self._coda(s, cos, sin))
+
+    def _prelude(self, idx: torch.Tensor):
+        """Embedding + prelude of a full forward: (e (B, T, D), cos, sin)."""
+        T = idx.size(1)
+        if T > self.config.sequence_len:
+            raise ValueError(f"sequence of {T} tokens exceeds sequence_len={self.config.sequence_len}")
+        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        x = norm(self.wte(idx))
+        for block in self.prelude:
+            x = block(x, cos, sin)
+        return x, cos, sin
 
     def gate_prob(self, s: torch.Tensor) -> torch.Tensor:
         """Exit-gate probability of stopping after the recurrence that produced state s (..., D) -> (...)."""

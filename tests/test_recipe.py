@@ -70,10 +70,11 @@ def test_gate_loss_matches_its_definition_and_leaves_the_lm_gradient_alone():
         flat = y.reshape(-1)
         valid = flat != -1
         losses, hazards = [], []
+        steps = {j: (state, logits) for j, state, logits in model.iterate(x, r)}
         for j in range(r - n + 1, r + 1):
-            logits = model(x, num_recur=j)
+            s, logits = steps[j]
+            torch.testing.assert_close(logits, model(x, num_recur=j), rtol=0, atol=0)  # iterate = forward at each r
             losses.append(F.cross_entropy(logits.view(-1, 32), flat, ignore_index=-1, reduction="none"))
-            s = _state_after(model, x, j)
             hazards.append(torch.sigmoid(model.exit_gate(F.rms_norm(s, (s.size(-1),))).squeeze(-1)).reshape(-1))
         p0 = hazards[0]
         p1 = (1 - hazards[0]) * hazards[1]
@@ -92,18 +93,6 @@ def test_gate_loss_matches_its_definition_and_leaves_the_lm_gradient_alone():
     plain(x, targets=y, num_recur=r, supervise=n).backward()
     for k, p in plain.named_parameters():
         torch.testing.assert_close(grads[k], p.grad, rtol=1e-9, atol=1e-12)
-
-
-def _state_after(model: GPT, x: torch.Tensor, r: int) -> torch.Tensor:
-    T = x.size(1)
-    cos, sin = model.cos[:, :T], model.sin[:, :T]
-    h = F.rms_norm(model.wte(x), (model.config.n_embd,))
-    for b in model.prelude:
-        h = b(h, cos, sin)
-    s = model.initial_state(h)
-    for _ in range(r):
-        s = model.recur_step(s, h, cos, sin)
-    return s
 
 
 def test_pipeline_stage_sets_the_recipe_fields():
