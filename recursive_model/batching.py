@@ -5,7 +5,9 @@
 2. admits waiting requests while the pool has room for prompt + max_tokens, and runs prompt chunks of
    `prefill_chunk` tokens (at most `prefill_tokens_per_step` per step, so running rows are never stalled for long);
 3. advances every running sequence by one token in ONE batched forward, in which each row runs its own budget and
-   exit rule and only rows still recurring are computed (GPT.forward_rows).
+   exit rule and only rows still recurring are computed (GPT.begin_rows -> recur_rows -> finish_rows). With
+   `min_step_recur` a step ends once its shallowest row can finish: deeper rows' tokens (a `Flight`) carry over to
+   the next step, so a cheap row's latency does not follow its deepest batch mate.
 
 A sequence's result never depends on its batch mates: its chunk boundaries are fixed by its own prompt, its sampling
 and its noise state come from its own seeded generators, and exited rows neither compute nor write.
@@ -26,7 +28,7 @@ import torch
 
 from .calculator import CalculatorError, calculate
 from .kv_cache import BatchKV, KVPool, PoolFull, SequenceKV
-from .model import GPT
+from .model import GPT, Flight
 from .recurrence import DecodeSettings
 
 NOISE_STREAM = 0x9E3779B97F4A7C15  # the noise generator of a row is seeded apart from its sampling generator
@@ -100,6 +102,7 @@ class _Sequence:
     generated: int = 0
     next_input: int | None = None  # the last emitted token, fed at the next decode step
     state: torch.Tensor | None = None  # final state of the last token (warm start)
+    flight: Flight | None = None  # the token (or prompt chunk) part-way through the recurrent block
     tools: _ToolState = field(default_factory=_ToolState)
     sampler: torch.Generator | None = None
     noise: torch.Generator | None = None
@@ -128,6 +131,9 @@ class ContinuousEngine:
 
     kv_cache: the pool's strategy (every sequence of this engine uses it). max_recur: the largest budget a sequence may
     ask for (exact keeps a slot per recurrence). kv_tokens: pool size in tokens over all sequences.
+    min_step_recur: None = a step runs every row's token to its end (the most tokens per step); k = a step runs at
+    most max(k, smallest remaining budget in flight) recurrences and deeper tokens carry over (latency for cheap rows,
+    more steps for deep ones; outputs are the same).
     """
 
     def __init__(
@@ -142,6 +148,7 @@ class ContinuousEngine:
         max_waiting: int | None = None,
         prefill_chunk: int = 128,
         prefill_tokens_per_step: int = 512,
+        min_step_recur: int | None = None,
     ):
         cfg = model.config
         self.model, self.tokenizer, self.config = model, tokenizer, cfg
@@ -158,6 +165,10 @@ class ContinuousEngine:
                 raise ValueError(f"ContinuousEngine.{name}={v} is invalid; allowed >= 1")
         self.max_running, self.max_waiting = max_running, max_waiting
         self.prefill_chunk, self.prefill_budget = prefill_chunk, prefill_tokens_per_step
+        if min_step_recur is not None and (not isinstance(min_step_recur, int) or min_step_recur < 1):
+            raise ValueError(f"ContinuousEngine.min_step_recur={min_step_recur!r} is invalid; allowed an int >= 1 "
+                             "or None (a step runs every row's token to its end)")
+        self.min_step_recur = min_step_recur
         tok = tokenizer.encode_special
         self.bos = tok("<|bos|>")
         self.stop_ids = {tok("<|assistant_end|>"), self.bos}
@@ -235,8 +246,9 @@ class ContinuousEngine:
         events: list[StepEvent] = []
         self._retire_cancelled(events)
         self._admit()
-        self._prefill(events)
-        self._decode(events)
+        cap = self._step_cap()
+        self._prefill(events, cap)
+        self._decode(events, cap)
         return events
 
     def _retire_cancelled(self, events: list[StepEvent]) -> None:
@@ -260,30 +272,85 @@ class ContinuousEngine:
             self.waiting.popleft()
             self.prefilling.append(seq)
 
-    def _prefill(self, events: list[StepEvent]) -> None:
+    def _step_cap(self) -> int | None:
+        """Recurrences every in-flight row may run this step (None = as many as it needs).
+
+        With `min_step_recur` set, a step ends once its shallowest row can finish its token (or prompt chunk): deeper
+        rows are carried over to the next step, so a low-budget row waits for about max(min_step_recur, its budget)
+        recurrences per token, not for its deepest batch mate. A row's own computation is the same however its
+        recurrences are split over steps (tested: batch invariance holds with any min_step_recur).
+        """
+        if self.min_step_recur is None or not self.config.is_recursive:
+            return None
+        rows = [s for s in self.prefilling] + [s for s in self.running if s.next_input is not None]
+        if not rows:
+            return None
+        least = min(s.decode.num_recur if s.flight is None else int((s.flight.budgets - s.flight.done).min())
+                    for s in rows)
+        return max(self.min_step_recur, least)
+
+    def _prefill(self, events: list[StepEvent], cap: int | None) -> None:
         budget = self.prefill_budget
+        todo = []
         for seq in list(self.prefilling):
-            # Chunk boundaries depend on the prompt alone (never on batch mates): ring caches stay batch-invariant.
-            n = min(self.prefill_chunk, len(seq.prompt) - seq.prefilled)
-            if n > budget and budget < self.prefill_budget:
-                break  # the step's prefill budget is spent; continue next step
+            if seq.flight is None:  # start the next chunk
+                # Chunk boundaries depend on the prompt alone (never on batch mates): ring caches stay batch-invariant.
+                n = min(self.prefill_chunk, len(seq.prompt) - seq.prefilled)
+                if n > budget and budget < self.prefill_budget:
+                    break  # the step's prefill budget is spent; continue next step
+                chunk = torch.tensor([seq.prompt[seq.prefilled: seq.prefilled + n]], dtype=torch.long,
+                                     device=self.device)
+                seq.flight = self.model.begin_rows(chunk, BatchKV.build(self.pool, [seq.kv], n, self.device),
+                                                   [seq.decode], generators=[seq.noise], prompt=True)
+            n = seq.flight.s.size(1)
             budget -= n
-            chunk = torch.tensor([seq.prompt[seq.prefilled: seq.prefilled + n]], dtype=torch.long, device=self.device)
+            todo.append(seq)
+        for seq in todo:
+            n = seq.flight.s.size(1)
             kv = BatchKV.build(self.pool, [seq.kv], n, self.device)
-            logits, used, state = self.model.forward_rows(chunk, kv, [seq.decode], generators=[seq.noise], prompt=True)
+            self.model.recur_rows(seq.flight, kv, max_steps=cap)
+            if not bool(seq.flight.finished.all()):
+                continue  # deeper than this step: carried over
+            logits, state = self.model.finish_rows(seq.flight, kv)
+            used = int(seq.flight.done[0])
+            seq.flight = None
             seq.kv.length += n
             seq.prefilled += n
             if seq.prefilled == len(seq.prompt):
                 self.prefilling.remove(seq)
                 seq.state = state
-                self._emit(seq, logits, int(used[0]), events)
+                self._emit(seq, logits, used, events)
 
-    def _decode(self, events: list[StepEvent]) -> None:
-        rows = [s for s in self.running if s.next_input is not None]
+    def _decode(self, events: list[StepEvent], cap: int | None) -> None:
+        carried = [s for s in self.running if s.flight is not None]  # tokens begun in an earlier step
+        fresh = [s for s in self.running if s.next_input is not None and s.flight is None]
+        rows = carried + fresh
         if not rows:
             return
-        idx = torch.tensor([[s.next_input] for s in rows], dtype=torch.long, device=self.device)
         kv = BatchKV.build(self.pool, [s.kv for s in rows], 1, self.device)
+        flights = [s.flight for s in carried]
+        if fresh:
+            flights.append(self._begin_tokens(fresh, kv.rows(torch.arange(len(carried), len(rows))) if carried else kv))
+        flight = Flight.cat(flights) if len(flights) > 1 else flights[0]
+        self.model.recur_rows(flight, kv, max_steps=cap)
+        finished = flight.finished
+        for b in (~finished).nonzero().squeeze(1).tolist():
+            rows[b].flight = flight.rows(torch.tensor([b], device=self.device))  # carried over to the next step
+        done = finished.nonzero().squeeze(1)
+        if done.numel() == 0:
+            return
+        out, kv_out = (flight, kv) if done.numel() == len(rows) else (flight.rows(done), kv.rows(done))
+        logits, state = self.model.finish_rows(out, kv_out)
+        seqs = [rows[b] for b in done.tolist()]
+        for b, seq in enumerate(seqs):
+            seq.kv.length += 1
+            seq.state = state[b: b + 1]
+            seq.flight = None
+        self._emit_rows(seqs, logits, out.done.tolist(), events)
+
+    def _begin_tokens(self, rows: list[_Sequence], kv: BatchKV) -> Flight:
+        """Embed and run the prelude of each row's next token (one batched call); its recurrences follow."""
+        idx = torch.tensor([[s.next_input] for s in rows], dtype=torch.long, device=self.device)
         warm = torch.tensor([s.decode.warm_start and s.state is not None for s in rows], device=self.device)
         init = None
         if bool(warm.any()):
@@ -291,12 +358,8 @@ class ContinuousEngine:
             for b, seq in enumerate(rows):
                 if warm[b]:
                     init[b] = seq.state[0]
-        logits, used, state = self.model.forward_rows(idx, kv, [s.decode for s in rows], init_state=init, warm=warm,
-                                                      generators=[s.noise for s in rows])
-        for b, seq in enumerate(rows):
-            seq.kv.length += 1
-            seq.state = state[b: b + 1]
-        self._emit_rows(rows, logits, used.tolist(), events)
+        return self.model.begin_rows(idx, kv, [s.decode for s in rows], init_state=init, warm=warm,
+                                     generators=[s.noise for s in rows])
 
     def _emit(self, seq: _Sequence, logits: torch.Tensor, used: int, events: list[StepEvent]) -> None:
         self.running.append(seq)

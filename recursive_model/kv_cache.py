@@ -112,7 +112,15 @@ class KVPool:
             raise ValueError(f"exact KV cache was sized for {self.n_slots} recurrences; recurrence {i + 1} requested")
         return i % self.n_slots
 
-    def recur_layer(self, j: int, slot: int) -> int:
+    def slots_for_iters(self, it: torch.Tensor) -> int | torch.Tensor:
+        """Cache slot of each row's recurrence `it` (B,): an int when all rows share one, else a (B,) tensor."""
+        lo, hi = int(it.min()), int(it.max())
+        if lo == hi:
+            return self.slot_for_iter(lo)
+        self.slot_for_iter(hi)  # raises when exact was sized for fewer recurrences
+        return it % self.n_slots
+
+    def recur_layer(self, j: int, slot: int | torch.Tensor) -> int | torch.Tensor:
         return self.n_prelude + slot * self.n_recur + j
 
     def coda_layer(self, j: int) -> int:
@@ -166,12 +174,23 @@ class BatchKV:
         sub.span = self.span if self.table.size(0) == 1 and idx.numel() == 1 else None
         return sub
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H, T, Dh) at the rows' positions; return every row's keys/values (B, H, L, Dh)."""
+    def update(self, layer: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, T, Dh) at the rows' positions; return every row's keys/values (B, H, L, Dh).
+
+        `layer` is the cached layer of every row, or (B,) one per row (rows at different recurrences).
+        """
+        B, nb = self.table.shape
+        if isinstance(layer, torch.Tensor):
+            lay = layer[:, None]  # (B, 1): broadcast over the rows' tokens / blocks
+            pool = self.pool
+            pool.k[lay, self._blk, self._off] = k.transpose(1, 2).to(pool.k.dtype)
+            pool.v[lay, self._blk, self._off] = v.transpose(1, 2).to(pool.v.dtype)
+            S, H, Dh = pool.k.shape[2:]
+            keys, values = pool.k[lay, self.table], pool.v[lay, self.table]  # (B, nb, S, H, Dh)
+            return keys.reshape(B, nb * S, H, Dh).transpose(1, 2), values.reshape(B, nb * S, H, Dh).transpose(1, 2)
         pk, pv = self.pool.k[layer], self.pool.v[layer]  # (NB, S, H, Dh)
         pk[self._blk, self._off] = k.transpose(1, 2).to(pk.dtype)
         pv[self._blk, self._off] = v.transpose(1, 2).to(pv.dtype)
-        B, nb = self.table.shape
         S, H, Dh = pk.shape[1:]
         if self.span is not None:
             first, n = self.span
@@ -186,19 +205,23 @@ class BatchKV:
         pool = self.pool
         if pool.n_recur == 0:
             return
-        for u in torch.unique(used).tolist():
-            if u >= pool.n_slots:
-                continue  # every slot was written by this row's own recurrences
-            rows = (used == u).nonzero().squeeze(1)
-            blk, off = self._blk[rows].reshape(1, -1), self._off[rows].reshape(1, -1)  # (1, N) token entries
-            src = pool.slot_for_iter(u - 1)
-            # One indexed copy per group: every (layer j, slot above u) destination at once.
-            dst = torch.tensor([pool.recur_layer(j, d) for d in range(u, pool.n_slots) for j in range(pool.n_recur)],
-                               device=blk.device)[:, None]
-            srcs = torch.tensor([pool.recur_layer(j, src) for _ in range(u, pool.n_slots) for j in range(pool.n_recur)],
-                                device=blk.device)[:, None]
-            pool.k[dst, blk, off] = pool.k[srcs, blk, off]
-            pool.v[dst, blk, off] = pool.v[srcs, blk, off]
+        dev = self._blk.device
+        T = self._blk.size(1)
+        used = used.to(dev).repeat_interleave(T)  # (N,) per token entry
+        slots = torch.arange(pool.n_slots, device=dev)
+        # (token, slot) pairs to fill: every slot at or above the token's depth (none when it ran them all)
+        tok, slot = (slots[None, :] >= used[:, None]).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            return
+        src = (used[tok] - 1) % pool.n_slots  # slot of the token's deepest recurrence (slot_for_iter, vectorised)
+        j = torch.arange(pool.n_recur, device=dev)[:, None]  # one copy per recurrent layer
+        dst_layer = (pool.recur_layer(0, slot)[None, :] + j).reshape(-1)
+        src_layer = (pool.recur_layer(0, src)[None, :] + j).reshape(-1)
+        blk = self._blk.reshape(-1)[tok].repeat(pool.n_recur)
+        off = self._off.reshape(-1)[tok].repeat(pool.n_recur)
+        # One gather and one scatter for every (layer, slot, token) destination at once.
+        pool.k[dst_layer, blk, off] = pool.k[src_layer, blk, off]
+        pool.v[dst_layer, blk, off] = pool.v[src_layer, blk, off]
 
 
 class KVCache:

@@ -365,67 +365,111 @@ class GPT(nn.Module):
         row's result depends on its batch mates. `init_state` (B, D) with mask `warm` (B,) (default: all rows) replaces
         s0 (warm start); `generators` give each row its own noise for state_init='noise'.
         Returns (logits (B, V), recurrences used (B,), final state (B, D)) at each row's last valid token.
+
+        The same pass in three phases, for callers that carry tokens over several steps (continuous batching):
+        `begin_rows` -> `recur_rows` (as many times as needed) -> `finish_rows`.
+        """
+        flight = self.begin_rows(idx, kv, settings, init_state=init_state, warm=warm, generators=generators,
+                                 prompt=prompt)
+        self.recur_rows(flight, kv)
+        logits, state = self.finish_rows(flight, kv, lengths)
+        return logits, flight.done, state
+
+    @torch.no_grad()
+    def begin_rows(
+        self,
+        idx: torch.Tensor,
+        kv: BatchKV,
+        settings: Sequence[DecodeSettings],
+        init_state: torch.Tensor | None = None,
+        warm: torch.Tensor | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
+        prompt: bool = False,
+    ) -> Flight:
+        """Embedding + prelude of idx (B, T) at the positions `kv` holds, and each row's initial state (as in
+        forward_rows).
+
+        Returns the rows' Flight: tokens that have run no recurrence yet.
         """
         cfg, pool = self.config, kv.pool
         B, T = idx.shape
         dev = idx.device
-        lengths = torch.full((B,), T, dtype=torch.long, device=dev) if lengths is None else lengths
-        positions = kv.positions
-        if int(positions.max()) >= cfg.sequence_len:
-            raise ValueError(f"position {int(positions.max())} exceeds sequence_len={cfg.sequence_len}")
-        cos, sin = self.cos[0][positions], self.sin[0][positions]  # (B, T, 1, Dh/2)
+        if int(kv.positions.max()) >= cfg.sequence_len:
+            raise ValueError(f"position {int(kv.positions.max())} exceeds sequence_len={cfg.sequence_len}")
+        cos, sin = self._rotary_at(kv)
         x = norm(self.wte(idx))
         for j, block in enumerate(self.prelude):
             x = block(x, cos, sin, LayerKV(kv, pool.prelude_layer(j)))
-        used = torch.zeros(B, dtype=torch.long, device=dev)
-        if cfg.is_recursive:
-            budgets = torch.tensor([s.num_recur for s in settings], dtype=torch.long, device=dev)
-            exits = [None] * B if prompt or T > 1 else [s.exit for s in settings]  # prompts run the full budget
-            e = x
-            s = self.initial_state(e, generators)
-            if init_state is not None:
-                warm = torch.ones(B, dtype=torch.bool, device=dev) if warm is None else warm
-                s = torch.where(warm[:, None, None], init_state.view(B, 1, -1).to(e.dtype), s)
-            s, used = self._recur_rows(s, e, cos, sin, kv, budgets, exits)
-            kv.fill_forward(used)
-            x = s
-        logits = self._coda_logits(x, cos, sin, kv)
-        last = (lengths - 1).clamp_min(0)
-        rows = torch.arange(B, device=dev)
-        return logits[rows, last], used, x[rows, last]
+        done = torch.zeros(B, dtype=torch.long, device=dev)
+        if not cfg.is_recursive:
+            return Flight(x, x, done.clone(), done, [None] * B)
+        budgets = torch.tensor([s.num_recur for s in settings], dtype=torch.long, device=dev)
+        exits = [None] * B if prompt or T > 1 else [s.exit for s in settings]  # prompts run the full budget
+        s = self.initial_state(x, generators)
+        if init_state is not None:
+            warm = torch.ones(B, dtype=torch.bool, device=dev) if warm is None else warm
+            s = torch.where(warm[:, None, None], init_state.view(B, 1, -1).to(x.dtype), s)
+        return Flight(x, s, budgets, done, exits)
 
-    def _recur_rows(self, s, e, cos, sin, kv: BatchKV, budgets: torch.Tensor, exits: list[ExitRule | None]):
-        """Run every row up to its budget or its exit; returns (final states, recurrences used per row)."""
-        pool, dev = kv.pool, s.device
-        B = s.size(0)
-        used = budgets.clone()
-        active = torch.ones(B, dtype=torch.bool, device=dev)
-        checks = (_ExitChecks(exits, dev, self.gate_prob if self.exit_gate is not None else None)
-                  if any(x is not None for x in exits) else None)
-        for i in range(int(budgets.max())):
-            active &= budgets > i
+    @torch.no_grad()
+    def recur_rows(self, flight: Flight, kv: BatchKV, max_steps: int | None = None) -> None:
+        """Advance every unfinished row of `flight` by up to `max_steps` recurrences (default: until all finish).
+
+        Rows may be at different recurrences (carried over from earlier steps): each row reads and writes the cache
+        slot of its own recurrence. Only rows still recurring are gathered and run, so an exited or low-budget row
+        costs nothing more and no row's result depends on its batch mates. Updates `flight` in place.
+        """
+        if not self.config.is_recursive:
+            return
+        pool, f = kv.pool, flight
+        B = f.s.size(0)
+        cos, sin = self._rotary_at(kv)
+        remaining = int((f.budgets - f.done).max())
+        steps = remaining if max_steps is None else min(remaining, max_steps)
+        checks = (_ExitChecks(f.exits, f.s.device, self.gate_prob if self.exit_gate is not None else None,
+                              f.prev_logp) if any(x is not None for x in f.exits) else None)
+        for _ in range(steps):
+            active = ~f.finished
             if not bool(active.any()):
                 break
-            slot = pool.slot_for_iter(i)
             if bool(active.all()):
-                rows, s_in, e_in, c, sn, kv_i = None, s, e, cos, sin, kv
+                rows, s_in, e_in, c, sn, kv_i, it = None, f.s, f.e, cos, sin, kv, f.done.clone()
             else:  # gather the rows still recurring; the others keep their state and cost nothing
                 rows = active.nonzero().squeeze(1)
-                s_in, e_in, c, sn, kv_i = s[rows], e[rows], cos[rows], sin[rows], kv.rows(rows)
+                s_in, e_in, c, sn, kv_i, it = f.s[rows], f.e[rows], cos[rows], sin[rows], kv.rows(rows), f.done[rows]
+            slot = pool.slots_for_iters(it)  # an int when every row runs the same recurrence (the common case)
             s_out = self.recur_step(s_in, e_in, c, sn, [LayerKV(kv_i, pool.recur_layer(j, slot))
-                                                         for j in range(self.config.n_recur)])
+                                                       for j in range(self.config.n_recur)])
+            idx = torch.arange(B, device=f.s.device) if rows is None else rows
+            f.done[idx] += 1
             if checks is not None:
-                idx = torch.arange(B, device=dev) if rows is None else rows
-                probe = lambda sub, st=s_out, c=c, sn=sn, kv_i=kv_i: self._coda_logits(  # noqa: E731
-                    st[sub], c[sub], sn[sub], kv_i.rows(sub))
-                exiting = checks.step(i, idx, s_in[:, -1], s_out[:, -1], probe)
-                used[idx[exiting]] = i + 1
-                active[idx[exiting]] = False
-            if rows is None:
-                s = s_out
-            else:
-                s = s.index_copy(0, rows, s_out)
-        return s, used
+                probe = lambda sub, st=s_out, c=c, sn=sn, kv_i=kv_i: (  # noqa: E731
+                    self._coda_logits(st, c, sn, kv_i) if isinstance(sub, slice)
+                    else self._coda_logits(st[sub], c[sub], sn[sub], kv_i.rows(sub)))
+                f.exited[idx] |= checks.step(it, idx, s_in[:, -1], s_out[:, -1], probe)
+            f.s = s_out if rows is None else f.s.index_copy(0, rows, s_out)
+        if checks is not None:
+            f.prev_logp = checks.prev_logp
+
+    @torch.no_grad()
+    def finish_rows(self, flight: Flight, kv: BatchKV, lengths: torch.Tensor | None = None):
+        """Coda + head of finished rows: copy each row's deepest recurrent entry into the slots above it
+        (`BatchKV.fill_forward`), then (logits (B, V), final state (B, D)) at each row's last valid token (`lengths`,
+        default T: right-padded prefill)."""
+        x = flight.s
+        B, T = x.shape[:2]
+        if self.config.is_recursive:
+            kv.fill_forward(flight.done)
+        cos, sin = self._rotary_at(kv)
+        logits = self._coda_logits(x, cos, sin, kv)
+        lengths = torch.full((B,), T, dtype=torch.long, device=x.device) if lengths is None else lengths
+        last = (lengths - 1).clamp_min(0)
+        rows = torch.arange(B, device=x.device)
+        return logits[rows, last], x[rows, last]
+
+    def _rotary_at(self, kv: BatchKV):
+        positions = kv.positions
+        return self.cos[0][positions], self.sin[0][positions]  # (B, T, 1, Dh/2)
 
     def _coda_logits(self, x, cos, sin, kv: BatchKV) -> torch.Tensor:
         for j, block in enumerate(self.coda):
@@ -463,10 +507,55 @@ class GPT(nn.Module):
         return float(fwd + bwd)
 
 
-class _ExitChecks:
-    """The exit rules of one decode step's rows, evaluated per criterion so rows with different rules share a step."""
+class Flight:
+    """Tokens part-way through the recurrent block: B rows of T tokens, each row at its own recurrence.
 
-    def __init__(self, exits: list[ExitRule | None], device: torch.device, gate_prob=None):
+    e: prelude output (B, T, D), re-injected at every recurrence; s: current state (B, T, D); budgets / done (B,):
+    recurrences allowed / run so far; exited (B,): the row's exit rule fired; exits: each row's ExitRule (None = run
+    the budget); prev_logp (B, V): next-token log-probs after the previous recurrence, for logit-based exit rules.
+    A continuous-batching step carries unfinished rows over to the next step (`row`, `cat`).
+    """
+
+    __slots__ = ("e", "s", "budgets", "done", "exited", "exits", "prev_logp")
+
+    def __init__(self, e, s, budgets, done, exits, exited=None, prev_logp=None):
+        self.e, self.s, self.budgets, self.done, self.exits = e, s, budgets, done, list(exits)
+        self.exited = torch.zeros_like(done, dtype=torch.bool) if exited is None else exited
+        self.prev_logp = prev_logp
+
+    @property
+    def finished(self) -> torch.Tensor:
+        return self.exited | (self.done >= self.budgets)
+
+    def rows(self, idx: torch.Tensor) -> Flight:
+        """The rows `idx` (a 1-d index tensor) as their own Flight."""
+        return Flight(self.e[idx], self.s[idx], self.budgets[idx], self.done[idx],
+                      [self.exits[i] for i in idx.tolist()], self.exited[idx],
+                      None if self.prev_logp is None else self.prev_logp[idx])
+
+    @staticmethod
+    def cat(flights: Sequence[Flight]) -> Flight:
+        """One Flight over the rows of several (same T)."""
+        prev = None
+        if any(f.prev_logp is not None for f in flights):
+            V = next(f.prev_logp for f in flights if f.prev_logp is not None).size(-1)
+            # rows without a previous distribution never read it: they have not run a recurrence with a logit rule
+            prev = torch.cat([f.prev_logp if f.prev_logp is not None else
+                              torch.zeros(f.done.numel(), V, dtype=torch.float32, device=f.done.device)
+                              for f in flights])
+        return Flight(torch.cat([f.e for f in flights]), torch.cat([f.s for f in flights]),
+                      torch.cat([f.budgets for f in flights]), torch.cat([f.done for f in flights]),
+                      [x for f in flights for x in f.exits], torch.cat([f.exited for f in flights]), prev)
+
+
+class _ExitChecks:
+    """The exit rules of one call's rows, evaluated per criterion so rows with different rules share a step.
+
+    `prev_logp` (B, V) carries the previous recurrence's distributions of rows resumed from an earlier step.
+    """
+
+    def __init__(self, exits: list[ExitRule | None], device: torch.device, gate_prob=None,
+                 prev_logp: torch.Tensor | None = None):
         if gate_prob is None and any(x is not None and x.impl.uses_gate for x in exits):
             raise ValueError("exit criterion 'learned' needs a model with an exit gate (GPTConfig.exit_gate=true)")
         self.gate_prob = gate_prob  # the model's GPT.gate_prob, or None without a gate
@@ -475,31 +564,42 @@ class _ExitChecks:
         names = sorted({x.criterion for x in exits if x is not None})
         self.groups = {n: torch.tensor([x is not None and x.criterion == n for x in exits], device=device)
                        for n in names}
-        self.prev_logp: dict[str, torch.Tensor] = {}  # criterion -> (B, V) log-probs after the previous recurrence
+        # the common case, one rule for every row: no per-criterion gathers at each recurrence
+        self.uniform = len(names) == 1 and all(x is not None for x in exits)
+        self.prev_logp = prev_logp  # (B, V): each row has one criterion, so one store serves every logit rule
 
-    def step(self, i: int, idx: torch.Tensor, s_prev: torch.Tensor, s_new: torch.Tensor, probe) -> torch.Tensor:
-        """Rows `idx` (n,) just ran recurrence i; returns which of them exit now (bool (n,)).
+    def step(self, it: torch.Tensor, idx: torch.Tensor, s_prev: torch.Tensor, s_new: torch.Tensor,
+             probe) -> torch.Tensor:
+        """Rows `idx` (n,) just ran their recurrence `it` (n,, 0-based); returns which of them exit now (bool (n,)).
 
-        `probe(local)` gives the coda logits (m, 1, V) of the rows at positions `local` of idx, computed only when a
-        criterion needs them. Active rows ran every recurrence 0..i-1, so a previous distribution exists iff i > 0.
+        `probe(local)` gives the coda logits (m, 1, V) of the rows at positions `local` of idx (a slice: all of them),
+        computed only when a criterion needs them. A row has a previous distribution iff it > 0 (it ran every
+        recurrence before).
         """
         exiting = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
         for name, member in self.groups.items():
-            local = member[idx].nonzero().squeeze(1)
-            if local.numel() == 0:
-                continue
-            crit, rows = EXIT_CRITERIA[name], idx[local]
+            if self.uniform:
+                local, rows, it_l = slice(None), idx, it
+            else:
+                local = member[idx].nonzero().squeeze(1)
+                if local.numel() == 0:
+                    continue
+                rows, it_l = idx[local], it[local]
+            crit = EXIT_CRITERIA[name]
             logp_prev = logp_new = None
             if crit.uses_logits:
                 logp_new = F.log_softmax(probe(local)[:, -1], dim=-1)
-                store = self.prev_logp.setdefault(name, torch.zeros(member.numel(), logp_new.size(-1),
-                                                                    dtype=logp_new.dtype, device=idx.device))
-                logp_prev = store[rows] if i > 0 else None
-                store[rows] = logp_new
+                if self.prev_logp is None:
+                    self.prev_logp = torch.zeros(member.numel(), logp_new.size(-1), dtype=logp_new.dtype,
+                                                 device=idx.device)
+                logp_prev = self.prev_logp[rows] if bool((it_l > 0).any()) else None
+                self.prev_logp[rows] = logp_new.to(self.prev_logp.dtype)
             gate = self.gate_prob(s_new[local]) if crit.uses_gate else None
             conv = crit.converged(s_prev[local], s_new[local], logp_prev, logp_new,
                                   self.threshold[rows].to(s_new.dtype), gate)
-            exiting[local] = conv & (i + 1 >= self.min_recur[rows])
+            if crit.uses_logits:
+                conv = conv & (it_l > 0)  # nothing to compare with after a row's first recurrence
+            exiting[local] = conv & (it_l + 1 >= self.min_recur[rows])
         return exiting
 
 

@@ -101,6 +101,13 @@ class TierConfig(_Strict):
     prefill_tokens_per_step: int = Field(
         512, ge=1, description="prompt tokens prefilled per engine step at most: running rows never stall long"
     )
+    min_step_recur: int | None = Field(
+        1,
+        ge=1,
+        description="an engine step runs at most max(min_step_recur, the smallest budget in flight) recurrences; "
+        "deeper tokens carry over to the next step, so low-budget requests do not wait for deep batch mates "
+        "(null = a step lasts as long as its deepest row)",
+    )
     max_ongoing_requests: int | None = Field(
         None,
         ge=1,
@@ -198,6 +205,7 @@ class TierConfig(_Strict):
             "max_waiting": self.max_waiting,
             "prefill_chunk": self.prefill_chunk,
             "prefill_tokens_per_step": self.prefill_tokens_per_step,
+            "min_step_recur": self.min_step_recur,
         }
 
     def serve_options(self, env: dict[str, str]) -> dict[str, Any]:

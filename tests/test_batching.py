@@ -67,16 +67,20 @@ RULES = [None, ExitRule(criterion="latent", threshold=0.05), ExitRule(criterion=
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("warm", [False, True])
-def test_rows_are_batch_invariant_for_every_strategy_exit_rule_and_join_time(model, tokenizer, strategy, warm):
-    """Greedy: each row's tokens and per-token recurrences are identical alone and in any batch, joining mid-way too."""
+@pytest.mark.parametrize("min_step_recur", [None, 1, 3])
+def test_rows_are_batch_invariant_for_every_strategy_exit_rule_and_join_time(model, tokenizer, strategy, warm,
+                                                                              min_step_recur):
+    """Greedy: each row's tokens and per-token recurrences are identical alone and in any batch, joining mid-way too,
+    and whether or not deeper rows' tokens are carried over several steps (min_step_recur)."""
     requests = []
     for i, p in enumerate(PROMPTS):
         budget = [8, 3, 6, 8, 5][i]
         requests.append((p, GREEDY, DecodeSettings(num_recur=budget, kv_cache=strategy, exit=RULES[i % 3],
                                                    warm_start=warm)))
     alone = [run(engine_for(model, tokenizer, strategy), [r])[0] for r in requests]
-    together = run(engine_for(model, tokenizer, strategy), requests)
-    staggered = run(engine_for(model, tokenizer, strategy), requests, join_at={1: 2, 3: 5, 4: 9})
+    together = run(engine_for(model, tokenizer, strategy, min_step_recur=min_step_recur), requests)
+    staggered = run(engine_for(model, tokenizer, strategy, min_step_recur=min_step_recur), requests,
+                    join_at={1: 2, 3: 5, 4: 9})
     assert together == alone
     assert staggered == alone
     recurs = {u for row in alone for _, u in row}
@@ -112,6 +116,42 @@ def test_compute_follows_exits_and_budgets(model, tokenizer):
         assert 1 in calls and max(calls) == 3  # late recurrences ran on fewer rows than the batch
     finally:
         del model.recur_step
+
+
+def test_low_budget_rows_get_a_token_every_step_next_to_deep_rows(model, tokenizer):
+    """min_step_recur=1: a step lasts as long as its shallowest row; deep rows' tokens are carried over, so an r=1
+    row emits at every step and an r=8 row once per 8 steps, each having run exactly its budget."""
+    engine = engine_for(model, tokenizer, "exact", min_step_recur=1)
+    calls: list[int] = []
+    original = model.recur_step
+
+    def counting(s, e, cos, sin, kvs=None):
+        calls.append(s.size(0))
+        return original(s, e, cos, sin, kvs)
+
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    deep = engine.submit([5, 6, 7], params, DecodeSettings(num_recur=8))
+    low = engine.submit([9, 10], params, DecodeSettings(num_recur=1))
+    model.recur_step = counting
+    try:
+        per_step: list[dict[int, int]] = []
+        per_step_calls: list[int] = []
+        while engine.has_work:
+            calls.clear()
+            per_step.append({ev.seq_id: ev.step.num_recur for ev in engine.step() if ev.step is not None})
+            per_step_calls.append(len(calls))
+    finally:
+        del model.recur_step
+    low_steps = [i for i, s in enumerate(per_step) if low in s]
+    assert low_steps == list(range(11))  # 12 tokens (two at step 0: prompt + first decode), one every step
+    deep_recurs = [s[deep] for s in per_step if deep in s]
+    assert len(deep_recurs) == 12 and set(deep_recurs) == {8}  # carried tokens still run their whole budget
+    assert [s for s in per_step[:11] if deep in s] == [{deep: 8, low: 1}]  # the deep prompt, carried 8 steps
+    # one recurrence per step: the deep prompt chunk's own call (steps 1-7) + ONE call for the decoding rows, deep
+    # and low rows together although they are at different recurrences
+    assert per_step_calls[1:11] == [2] * 7 + [1] * 3
+    with pytest.raises(ValueError, match="min_step_recur=0"):
+        engine_for(model, tokenizer, "exact", min_step_recur=0)
 
 
 def test_pool_blocks_are_freed_and_reused_and_admission_waits_for_memory(model, tokenizer):
@@ -190,8 +230,10 @@ def test_noise_state_init_is_reproducible_and_batch_invariant(tokenizer):
     assert together == alone
 
 
-def test_compiled_decode_equals_eager_with_graphs_bounded_by_blocks(tokenizer):
-    """compile_decode: one graph family per block whatever r, batch size, cache length or exit pattern."""
+@pytest.mark.parametrize("min_step_recur", [None, 1])
+def test_compiled_decode_equals_eager_with_graphs_bounded_by_blocks(tokenizer, min_step_recur):
+    """compile_decode: one graph family per block whatever r, batch size, cache length or exit pattern, also when
+    carried tokens put a step's rows at different recurrences (per-row cache slots)."""
     from torch._dynamo.utils import counters
 
     model = contractive_model(tokenizer.vocab_size)
@@ -202,7 +244,8 @@ def test_compiled_decode_equals_eager_with_graphs_bounded_by_blocks(tokenizer):
     counters.clear()
     model.compile_decode(backend="aot_eager")
     try:
-        compiled = run(engine_for(model, tokenizer, "exact"), requests, join_at={2: 3})
+        compiled = run(engine_for(model, tokenizer, "exact", min_step_recur=min_step_recur), requests,
+                       join_at={2: 3})
         graphs = counters["stats"]["unique_graphs"]
     finally:
         for block in [*model.prelude, *model.recur, *model.coda]:

@@ -8,6 +8,7 @@ import torch
 from recursive_model import GPT, Engine, GPTConfig, Tokenizer
 from recursive_model.calculator import CalculatorError, calculate
 from recursive_model.kv_cache import KVCache
+from recursive_model.model import Flight
 from recursive_model.recurrence import DecodeSettings
 
 TEXT = ["the recurrent block is applied r times to the state.", "hello world 12 + 34 = 46", "ab" * 50] * 20
@@ -101,7 +102,7 @@ def test_kv_strategy_and_warm_start_per_call_equal_the_hand_written_decode(model
 
 
 class ScriptedModel(torch.nn.Module):
-    """Emits a fixed token script through forward_cached, so tool handling can be tested deterministically."""
+    """Emits a fixed token script through the engine's begin/recur/finish phases, so tool handling is deterministic."""
 
     def __init__(self, config: GPTConfig, script: list[int]):
         super().__init__()
@@ -111,14 +112,23 @@ class ScriptedModel(torch.nn.Module):
         self.fed: list[int] = []
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-    def forward_rows(self, idx, kv, settings, **_):
+    def begin_rows(self, idx, kv, settings, **_):
         B, T = idx.shape
         if T == 1:
             self.fed.append(int(idx[0, 0]))
+        x = torch.zeros(B, T, self.config.n_embd)
+        two = torch.full((B,), 2)
+        return Flight(x, x, two, two.clone(), [None] * B)  # every row has run its (scripted) 2 recurrences
+
+    def recur_rows(self, flight, kv, max_steps=None):
+        pass
+
+    def finish_rows(self, flight, kv, lengths=None):
+        B = flight.s.size(0)
         logits = torch.full((B, self.config.vocab_size), -1e9)
         logits[:, self.script[min(self.calls, len(self.script) - 1)]] = 0
         self.calls += 1
-        return logits, torch.full((B,), 2), torch.zeros(B, self.config.n_embd)
+        return logits, torch.zeros(B, self.config.n_embd)
 
 
 def test_calculator_tool_output_is_forced_into_the_stream(tokenizer):
