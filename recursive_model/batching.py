@@ -100,7 +100,7 @@ class _Sequence:
     kv: SequenceKV = field(default_factory=SequenceKV)
     prefilled: int = 0  # prompt tokens already in the cache
     generated: int = 0
-    next_input: int | None = None  # the last emitted token, fed at the next decode step
+    next_input: int | None = None  # fed at the next decode step: the last prompt token, then each emitted one
     state: torch.Tensor | None = None  # final state of the last token (warm start)
     flight: Flight | None = None  # the token (or prompt chunk) part-way through the recurrent block
     tools: _ToolState = field(default_factory=_ToolState)
@@ -290,36 +290,40 @@ class ContinuousEngine:
         return max(self.min_step_recur, least)
 
     def _prefill(self, events: list[StepEvent], cap: int | None) -> None:
+        """Put every prompt token but the last into the cache, in chunks at the full budget. The last prompt token,
+        whose output is the first generated token, is decoded like a generated one: its exit rule applies (a one-token
+        answer can exit early) and it never warm-starts (its s0 is a prompt token's)."""
         budget = self.prefill_budget
         todo = []
         for seq in list(self.prefilling):
-            if seq.flight is None:  # start the next chunk
+            target = len(seq.prompt) - 1
+            if seq.flight is None and seq.prefilled < target:  # start the next chunk
                 # Chunk boundaries depend on the prompt alone (never on batch mates): ring caches stay batch-invariant.
-                n = min(self.prefill_chunk, len(seq.prompt) - seq.prefilled)
+                n = min(self.prefill_chunk, target - seq.prefilled)
                 if n > budget and budget < self.prefill_budget:
                     break  # the step's prefill budget is spent; continue next step
                 chunk = torch.tensor([seq.prompt[seq.prefilled: seq.prefilled + n]], dtype=torch.long,
                                      device=self.device)
                 seq.flight = self.model.begin_rows(chunk, BatchKV.build(self.pool, [seq.kv], n, self.device),
                                                    [seq.decode], generators=[seq.noise], prompt=True)
-            n = seq.flight.s.size(1)
-            budget -= n
+            if seq.flight is not None:
+                budget -= seq.flight.s.size(1)
             todo.append(seq)
         for seq in todo:
-            n = seq.flight.s.size(1)
-            kv = BatchKV.build(self.pool, [seq.kv], n, self.device)
-            self.model.recur_rows(seq.flight, kv, max_steps=cap)
-            if not bool(seq.flight.finished.all()):
-                continue  # deeper than this step: carried over
-            logits, state = self.model.finish_rows(seq.flight, kv)
-            used = int(seq.flight.done[0])
-            seq.flight = None
-            seq.kv.length += n
-            seq.prefilled += n
-            if seq.prefilled == len(seq.prompt):
+            if seq.flight is not None:
+                n = seq.flight.s.size(1)
+                kv = BatchKV.build(self.pool, [seq.kv], n, self.device)
+                self.model.recur_rows(seq.flight, kv, max_steps=cap)
+                if not bool(seq.flight.finished.all()):
+                    continue  # deeper than this step: carried over
+                self.model.finish_rows(seq.flight, kv)  # the coda's cache entries; the logits are not needed
+                seq.flight = None
+                seq.kv.length += n
+                seq.prefilled += n
+            if seq.prefilled == len(seq.prompt) - 1:
                 self.prefilling.remove(seq)
-                seq.state = state
-                self._emit(seq, logits, used, events)
+                seq.next_input = seq.prompt[-1]  # decoded with the running rows, in this same step
+                self.running.append(seq)
 
     def _decode(self, events: list[StepEvent], cap: int | None) -> None:
         carried = [s for s in self.running if s.flight is not None]  # tokens begun in an earlier step
@@ -360,10 +364,6 @@ class ContinuousEngine:
                     init[b] = seq.state[0]
         return self.model.begin_rows(idx, kv, [s.decode for s in rows], init_state=init, warm=warm,
                                      generators=[s.noise for s in rows])
-
-    def _emit(self, seq: _Sequence, logits: torch.Tensor, used: int, events: list[StepEvent]) -> None:
-        self.running.append(seq)
-        self._emit_rows([seq], logits, [used], events)
 
     def _emit_rows(self, rows: list[_Sequence], logits: torch.Tensor, used: list[int], events: list[StepEvent]):
         sampled = sample_rows(logits, [s.sampling for s in rows], [s.sampler for s in rows])

@@ -80,7 +80,7 @@ class Engine:
         warm_start: bool | None = None,
     ) -> Iterator[list[TokenStep | None]]:
         """Yield, per decoding step, one TokenStep per prompt (None where that row has no new token: it has stopped,
-        or it was admitted earlier than a batch mate that emits two tokens, prefill and first decode, in this step).
+        or it has no token in this step).
 
         Row b samples with seed `seed + b`, so a prompt's tokens do not depend on the other prompts of the call.
         """
@@ -109,7 +109,7 @@ class Engine:
             for ev in events:
                 if ev.step is not None:
                     per_row[row_of[ev.seq_id]].append(ev.step)
-            # A row admitted in this step has two tokens (its prefill's and its first decode's): one yield each.
+            # A step gives each row at most one token; several would be yielded one per item.
             for k in range(max(len(steps) for steps in per_row)):
                 yield [steps[k] if k < len(steps) else None for steps in per_row]
 

@@ -10,7 +10,8 @@ entry copied into the slots above it, so later tokens' lookups at any recurrence
 ring:k with r > k, prefill vs decode: in a prefill all prompt tokens run recurrence i together, so a prompt token's
 attention at recurrence i reads the other prompt tokens' recurrence-i keys (as exact does). A decoded token at
 recurrence i reads slot i mod k of earlier tokens, which holds their *last* recurrence j ≡ i (mod k). Decoding a text
-token by token therefore differs from prefilling it once r > k; with r <= k both equal exact.
+token by token therefore differs from prefilling it once r > k; with r <= k both equal exact. The engines prefill a
+prompt but its last token, which is decoded (its output is the first generated token).
 
 Memory is sized in tokens: how many sequences run at once is set by the pool and their lengths, not by a
 batch size x context length rectangle. `KVPool` owns the blocks; a `SequenceKV` is one sequence's block list and

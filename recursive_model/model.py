@@ -461,11 +461,13 @@ class GPT(nn.Module):
         if self.config.is_recursive:
             kv.fill_forward(flight.done)
         cos, sin = self._rotary_at(kv)
-        logits = self._coda_logits(x, cos, sin, kv)
+        y = x
+        for j, block in enumerate(self.coda):
+            y = block(y, cos, sin, LayerKV(kv, kv.pool.coda_layer(j)))
         lengths = torch.full((B,), T, dtype=torch.long, device=x.device) if lengths is None else lengths
         last = (lengths - 1).clamp_min(0)
         rows = torch.arange(B, device=x.device)
-        return logits[rows, last], x[rows, last]
+        return self.head(y[rows, last]), x[rows, last]  # the head only where a token is sampled
 
     def _rotary_at(self, kv: BatchKV):
         positions = kv.positions

@@ -193,8 +193,9 @@ def parse_kv_cache(spec: str) -> tuple[str, int | None]:
 class DecodeSettings:
     """How one sequence is decoded. Frozen and hashable: it travels unchanged from the request to the model.
 
-    `num_recur` is the budget: the most recurrences any token of the sequence runs. Prompt tokens always run the full
-    budget; with an `exit` rule, generated tokens may stop earlier.
+    `num_recur` is the budget: the most recurrences any token of the sequence runs. Prompt tokens run the full budget,
+    except the last one in the engines: its output is the first generated token, so like every token that is sampled
+    from it follows the `exit` rule (a one-token answer can exit early).
     """
 
     num_recur: int = 4  # recurrences per token (the most, with an exit rule)

@@ -129,9 +129,8 @@ def test_low_budget_rows_get_a_token_every_step_next_to_deep_rows(model, tokeniz
         calls.append(s.size(0))
         return original(s, e, cos, sin, kvs)
 
-    params = SamplingParams(max_tokens=12, temperature=0.0)
-    deep = engine.submit([5, 6, 7], params, DecodeSettings(num_recur=8))
-    low = engine.submit([9, 10], params, DecodeSettings(num_recur=1))
+    deep = engine.submit([5, 6, 7], SamplingParams(max_tokens=6, temperature=0.0), DecodeSettings(num_recur=8))
+    low = engine.submit([9, 10], SamplingParams(max_tokens=20, temperature=0.0), DecodeSettings(num_recur=1))
     model.recur_step = counting
     try:
         per_step: list[dict[int, int]] = []
@@ -142,14 +141,15 @@ def test_low_budget_rows_get_a_token_every_step_next_to_deep_rows(model, tokeniz
             per_step_calls.append(len(calls))
     finally:
         del model.recur_step
-    low_steps = [i for i, s in enumerate(per_step) if low in s]
-    assert low_steps == list(range(11))  # 12 tokens (two at step 0: prompt + first decode), one every step
+    assert [i for i, s in enumerate(per_step) if low in s] == list(range(20))  # a token every step, from the first
     deep_recurs = [s[deep] for s in per_step if deep in s]
-    assert len(deep_recurs) == 12 and set(deep_recurs) == {8}  # carried tokens still run their whole budget
-    assert [s for s in per_step[:11] if deep in s] == [{deep: 8, low: 1}]  # the deep prompt, carried 8 steps
-    # one recurrence per step: the deep prompt chunk's own call (steps 1-7) + ONE call for the decoding rows, deep
-    # and low rows together although they are at different recurrences
-    assert per_step_calls[1:11] == [2] * 7 + [1] * 3
+    assert len(deep_recurs) == 6 and set(deep_recurs) == {8}  # carried tokens still run their whole budget
+    # the deep prompt [5, 6] is prefilled over steps 0-7, its last token 7 decoded over steps 7-14 (it joins the
+    # decoding rows in the step its prefill ends)
+    assert [i for i in range(20) if deep in per_step[i]] == [14]
+    # one recurrence per step: the deep prompt chunk's own call (steps 0-7; at step 0 also the low prompt's [9]) + ONE
+    # call for the decoding rows, deep and low rows together although they are at different recurrences (steps 8-19)
+    assert per_step_calls[:20] == [3] + [2] * 7 + [1] * 12
     with pytest.raises(ValueError, match="min_step_recur=0"):
         engine_for(model, tokenizer, "exact", min_step_recur=0)
 
@@ -271,10 +271,10 @@ def test_learned_exit_fires_on_the_gate(tokenizer):
     with torch.no_grad():  # a gate that always says "stop", then one that never does
         model.exit_gate.weight.zero_()
         model.exit_gate.bias.fill_(20.0)
-    # the first token comes from the prompt, which runs the full budget; generated tokens exit on the gate
-    assert _recurrences_per_token(engine, DecodeSettings(num_recur=6, exit=learned)) == [6, 1, 1, 1]
+    # the first token (the last prompt token's output) exits on the gate like every generated one
+    assert _recurrences_per_token(engine, DecodeSettings(num_recur=6, exit=learned)) == [1, 1, 1, 1]
     assert _recurrences_per_token(engine, DecodeSettings(num_recur=6, exit=ExitRule(
-        criterion="learned", threshold=0.5, min_recur=3))) == [6, 3, 3, 3]
+        criterion="learned", threshold=0.5, min_recur=3))) == [3, 3, 3, 3]
     with torch.no_grad():
         model.exit_gate.bias.fill_(-20.0)
     assert _recurrences_per_token(engine, DecodeSettings(num_recur=6, exit=learned)) == [6, 6, 6, 6]

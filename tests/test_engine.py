@@ -70,15 +70,20 @@ def test_adaptive_exit_reports_recurrences_within_bounds(model, tokenizer):
     adaptive = engine.generate_batch([prompt], max_tokens=12, temperature=0.0, num_recur=6,
                                      exit="latent:10")[0]  # huge threshold: exit as soon as allowed
     assert set(fixed.recurs) == {6}
-    assert adaptive.recurs[0] == 6  # the prompt pass runs at full r
-    assert all(r == 1 for r in adaptive.recurs[1:])
+    # the first token too: the last prompt token is decoded with the exit rule (the rest of the prompt runs full r)
+    assert all(r == 1 for r in adaptive.recurs)
     assert adaptive.mean_recur < fixed.mean_recur
 
 
 def manual_greedy(model: GPT, prompt: list[int], n: int, settings: DecodeSettings) -> tuple[list[int], list[int]]:
-    """Greedy decode written out with KVCache + forward_cached, warm start passed by hand: the Engine's reference."""
+    """Greedy decode written out with KVCache + forward_cached, warm start passed by hand: the Engine's reference.
+
+    The prompt but its last token is prefilled at the full budget; the last prompt token is decoded like a generated
+    one (exit rule, ring slots as in decoding) but from a prompt token's s0 (no warm start)."""
     cache = KVCache(model.config, 1, len(prompt) + n, num_recur=settings.num_recur, strategy=settings.kv_cache)
-    logits, used, state = model.forward_cached(torch.tensor([prompt]), cache, settings, prompt=True)
+    if len(prompt) > 1:
+        model.forward_cached(torch.tensor([prompt[:-1]]), cache, settings, prompt=True)
+    logits, used, state = model.forward_cached(torch.tensor([prompt[-1:]]), cache, settings, prompt=False)
     tokens, recurs = [], []
     for _ in range(n):
         tokens.append(int(logits[0].argmax()))

@@ -288,8 +288,8 @@ def test_fixed_r_columns_ignore_an_exit_criterion_in_the_checkpoint_config(token
     report = evaluate_model(model, tokenizer, ["reasoning"], [4], adaptive=ExitRule.parse("kl:1e9"), max_problems=2,
                             max_tokens=3, log=None)  # fmt: skip
     assert report.results["reasoning"][4].mean_recur == 4.0
-    # Per answer: the first token comes from the prompt pass (all 4), the next two exit at the first KL check (2).
-    assert report.adaptive_results["reasoning"].mean_recur == pytest.approx((4 + 2 + 2) / 3)
+    # Per answer: every token exits at the first KL check (2), the first too (the last prompt token follows the rule).
+    assert report.adaptive_results["reasoning"].mean_recur == pytest.approx(2.0)
 
 
 # ------------------------------------------------------------------------------------------------------- report

@@ -86,8 +86,8 @@ def test_budgets_land_on_different_tiers(serve_app: LiveApp) -> None:
 
 
 def test_adaptive_exit_spends_less_than_the_budget(serve_app: LiveApp) -> None:
-    # A huge threshold exits every generated token after one recurrence; the first token comes from the prefill,
-    # which always runs the full r.
+    # A huge threshold exits every generated token after one recurrence, the first too (the last prompt token is
+    # decoded with the exit rule; the rest of the prompt runs the full r).
     r_json = post(
         serve_app,
         {
@@ -100,7 +100,7 @@ def test_adaptive_exit_spends_less_than_the_budget(serve_app: LiveApp) -> None:
         },
     ).json()
     per_token = r_json["recurrence"]["per_token"]
-    assert r_json["tier"] == "high" and per_token[0] == 8 and set(per_token[1:]) <= {1}
+    assert r_json["tier"] == "high" and set(per_token) == {1}
     assert r_json["recurrence"]["mean"] < 8
 
 
