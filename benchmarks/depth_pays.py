@@ -62,8 +62,10 @@ def flops_per_token(name: str, vocab: int) -> float:
     return model.flops_per_token()
 
 
-def pipeline_config(root: str, name: str, vocab: int, steps: int, seed: int, batch: int) -> PipelineConfig:
-    stage = dict(name="sft", data="depth", steps=steps, batch_size=batch, lr=3e-3, embedding_lr=3e-2, head_lr=3e-3,
+def pipeline_config(root: str, name: str, vocab: int, steps: int, seed: int, batch: int, optimizer: str = "adamw",
+                    lr: float = 3e-3) -> PipelineConfig:
+    stage = dict(name="sft", data="depth", steps=steps, batch_size=batch, optimizer=optimizer, lr=lr,
+                 embedding_lr=3e-2, head_lr=3e-3,
                  warmup_steps=20, eval_every=steps, eval_batches=1, checkpoint_every=steps,
                  log_every=max(1, steps // 5))
     return PipelineConfig.from_preset(
@@ -115,8 +117,9 @@ def answer_scores(model: GPT, tokenizer: Tokenizer, task: Reasoning) -> dict:
     return out
 
 
-def train_variant(root: str, tok_path: str, name: str, vocab: int, steps: int, seed: int, batch: int) -> dict:
-    cfg = pipeline_config(root, name, vocab, steps, seed, batch)
+def train_variant(root: str, tok_path: str, name: str, vocab: int, steps: int, seed: int, batch: int,
+                  optimizer: str = "adamw", lr: float = 3e-3) -> dict:
+    cfg = pipeline_config(root, name, vocab, steps, seed, batch, optimizer, lr)
     st = Storage(cfg.storage)
     job = StageJob(cfg, "sft", tok_path, st.join(cfg.run_name, "sft"))
     t0 = time.perf_counter()
@@ -167,6 +170,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="recipe steps (baselines: same FLOPs)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1; --quick: 0)")
     ap.add_argument("--problems", type=int, default=None, help="fresh problems per split")
+    ap.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw", help="of every variant")
+    ap.add_argument("--lr", type=float, default=3e-3, help="matrix learning rate of every variant")
     args = ap.parse_args()
     torch.set_num_threads(1)  # the CPU is shared; one thread is faster than two under contention (LOG.md)
     steps = args.steps or (6 if args.quick else 1500)
@@ -178,7 +183,7 @@ def main() -> None:
         "benchmark": "depth_pays", "quick": bool(args.quick), "env": environment(),
         "goal": "issue 11: accuracy not falling in r; hard r16 >= r2 + 15pt and >= iso-FLOP GPT + 15pt, > unique-layer "
                 "GPT; learned exit within 1pt of best fixed r at <= r_max/2, more r on 8 hops than on 2",
-        "steps_recipe": steps, "flops_per_token": fpt, "seeds": {},
+        "steps_recipe": steps, "optimizer": args.optimizer, "lr": args.lr, "flops_per_token": fpt, "seeds": {},
     }
     with tempfile.TemporaryDirectory(prefix="rnc-depth-") as root:
         base = pipeline_config(root, "recipe", vocab, steps, 0, batch)
@@ -193,7 +198,7 @@ def main() -> None:
             per_seed = {}
             for name in VARIANTS:
                 n_steps = max(1, round(steps * fpt["recipe"] / fpt[name]))  # same training FLOPs as the recipe
-                trained = train_variant(root, tok_path, name, vocab, n_steps, seed, batch)
+                trained = train_variant(root, tok_path, name, vocab, n_steps, seed, batch, args.optimizer, args.lr)
                 model = trained.pop("model")
                 per_seed[name] = {**trained, **{sp: answer_scores(model, tokenizer, t) for sp, t in splits.items()}}
                 print(f"[depth_pays] seed {seed} {name}: {per_seed[name]}", file=sys.stderr, flush=True)

@@ -81,7 +81,8 @@ class OptimizerSettings:
 
 
 def build_optimizers(model: GPT, spec: OptimizerSpec) -> list[torch.optim.Optimizer]:
-    """AdamW for everything, or Muon for the block/adapter matrices plus AdamW for embedding and head (nanochat).
+    """AdamW for everything, or Muon for the block/adapter/gate matrices plus AdamW for embedding, head and any vector
+    parameter (nanochat).
 
     Every param group gets `initial_lr`, the base that `set_lr_multiplier` scales.
     """
@@ -93,9 +94,15 @@ def build_optimizers(model: GPT, spec: OptimizerSpec) -> list[torch.optim.Optimi
         dict(params=[model.lm_head.weight], lr=spec.head_lr, weight_decay=0.0),
     ]
     if spec.optimizer == "muon":
+        # Muon orthogonalises 2-D updates only; vectors (the exit gate's bias) stay with AdamW at the matrix lr, which
+        # match_rms_adamw makes comparable.
+        vectors = [p for p in matrices if p.ndim != 2]
+        if vectors:
+            adam_groups.append(dict(params=vectors, lr=spec.lr, weight_decay=0.0))
         opts = [
             torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10),
-            torch.optim.Muon(matrices, lr=spec.lr, weight_decay=spec.weight_decay, adjust_lr_fn="match_rms_adamw"),
+            torch.optim.Muon([p for p in matrices if p.ndim == 2], lr=spec.lr, weight_decay=spec.weight_decay,
+                             adjust_lr_fn="match_rms_adamw"),
         ]
     else:
         adam_groups.append(dict(params=matrices, lr=spec.lr, weight_decay=spec.weight_decay))

@@ -19,8 +19,9 @@ from recursive_model.optim import (
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_every_parameter_is_optimized_once_with_its_own_lr(optimizer):
-    model = GPT(GPTConfig.from_preset("tiny"))
+@pytest.mark.parametrize("exit_gate", [False, True])
+def test_every_parameter_is_optimized_once_with_its_own_lr(optimizer, exit_gate):
+    model = GPT(GPTConfig.from_preset("tiny", exit_gate=exit_gate))
     settings = OptimizerSettings(optimizer=optimizer, lr=0.02, embedding_lr=0.2, head_lr=0.004)
     optimizers = build_optimizers(model, settings)
     lr_of = {id(p): g["lr"] for opt in optimizers for g in opt.param_groups for p in g["params"]}
@@ -30,10 +31,16 @@ def test_every_parameter_is_optimized_once_with_its_own_lr(optimizer):
     assert lr_of[id(model.recur[0].attn.c_q.weight)] == lr_of[id(model.adapter.weight)] == 0.02
     muon = [opt for opt in optimizers if isinstance(opt, torch.optim.Muon)]
     assert len(muon) == (optimizer == "muon")
-    if muon:  # Muon takes the 2-D block and adapter matrices; embedding and head stay with AdamW
+    if muon:  # Muon takes the 2-D block, adapter and gate matrices; embedding, head and vectors stay with AdamW
         assert {id(p) for g in muon[0].param_groups for p in g["params"]} == {
-            id(p) for n, p in model.named_parameters() if not n.startswith(("wte.", "lm_head."))
+            id(p) for n, p in model.named_parameters() if not n.startswith(("wte.", "lm_head.")) and p.ndim == 2
         }
+    if exit_gate:
+        assert lr_of[id(model.exit_gate.bias)] == 0.02
+        loss = model(torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8)))
+        loss.backward()
+        for opt in optimizers:
+            opt.step()  # Muon would refuse a 1-D parameter
 
 
 def test_lr_multiplier_scales_every_group_from_its_initial_lr():
