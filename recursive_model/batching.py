@@ -247,7 +247,7 @@ class ContinuousEngine:
         self._retire_cancelled(events)
         self._admit()
         cap = self._step_cap()
-        self._prefill(events, cap)
+        self._prefill(cap)
         self._decode(events, cap)
         return events
 
@@ -289,30 +289,29 @@ class ContinuousEngine:
                     for s in rows)
         return max(self.min_step_recur, least)
 
-    def _prefill(self, events: list[StepEvent], cap: int | None) -> None:
+    def _prefill(self, cap: int | None) -> None:
         """Put every prompt token but the last into the cache, in chunks at the full budget. The last prompt token,
         whose output is the first generated token, is decoded like a generated one: its exit rule applies (a one-token
         answer can exit early) and it never warm-starts (its s0 is a prompt token's)."""
         budget = self.prefill_budget
-        todo = []
+        todo: list[tuple[_Sequence, int]] = []  # (sequence, tokens of its chunk in flight); 0: nothing to prefill
         for seq in list(self.prefilling):
-            target = len(seq.prompt) - 1
-            if seq.flight is None and seq.prefilled < target:  # start the next chunk
+            if seq.flight is not None:
+                n = seq.flight.s.size(1)  # a chunk carried over from an earlier step
+            else:
                 # Chunk boundaries depend on the prompt alone (never on batch mates): ring caches stay batch-invariant.
-                n = min(self.prefill_chunk, target - seq.prefilled)
+                n = min(self.prefill_chunk, len(seq.prompt) - 1 - seq.prefilled)
                 if n > budget and budget < self.prefill_budget:
                     break  # the step's prefill budget is spent; continue next step
-                chunk = torch.tensor([seq.prompt[seq.prefilled: seq.prefilled + n]], dtype=torch.long,
-                                     device=self.device)
-                seq.flight = self.model.begin_rows(chunk, BatchKV.build(self.pool, [seq.kv], n, self.device),
-                                                   [seq.decode], generators=[seq.noise], prompt=True)
-            if seq.flight is not None:
-                budget -= seq.flight.s.size(1)
-            todo.append(seq)
-        for seq in todo:
-            if seq.flight is not None:
-                n = seq.flight.s.size(1)
+            budget -= n
+            todo.append((seq, n))
+        for seq, n in todo:
+            if n:
                 kv = BatchKV.build(self.pool, [seq.kv], n, self.device)
+                if seq.flight is None:  # start the next chunk
+                    chunk = torch.tensor([seq.prompt[seq.prefilled: seq.prefilled + n]], dtype=torch.long,
+                                         device=self.device)
+                    seq.flight = self.model.begin_rows(chunk, kv, [seq.decode], generators=[seq.noise], prompt=True)
                 self.model.recur_rows(seq.flight, kv, max_steps=cap)
                 if not bool(seq.flight.finished.all()):
                     continue  # deeper than this step: carried over

@@ -181,23 +181,22 @@ class BatchKV:
         `layer` is the cached layer of every row, or (B,) one per row (rows at different recurrences).
         """
         B, nb = self.table.shape
+        pool = self.pool
         if isinstance(layer, torch.Tensor):
             lay = layer[:, None]  # (B, 1): broadcast over the rows' tokens / blocks
-            pool = self.pool
             pool.k[lay, self._blk, self._off] = k.transpose(1, 2).to(pool.k.dtype)
             pool.v[lay, self._blk, self._off] = v.transpose(1, 2).to(pool.v.dtype)
-            S, H, Dh = pool.k.shape[2:]
-            keys, values = pool.k[lay, self.table], pool.v[lay, self.table]  # (B, nb, S, H, Dh)
-            return keys.reshape(B, nb * S, H, Dh).transpose(1, 2), values.reshape(B, nb * S, H, Dh).transpose(1, 2)
-        pk, pv = self.pool.k[layer], self.pool.v[layer]  # (NB, S, H, Dh)
-        pk[self._blk, self._off] = k.transpose(1, 2).to(pk.dtype)
-        pv[self._blk, self._off] = v.transpose(1, 2).to(pv.dtype)
-        S, H, Dh = pk.shape[1:]
-        if self.span is not None:
-            first, n = self.span
-            keys, values = pk[first: first + n][None], pv[first: first + n][None]  # views, no copy
+            keys, values = pool.k[lay, self.table], pool.v[lay, self.table]  # (B, nb, S, H, Dh) gathered
         else:
-            keys, values = pk[self.table], pv[self.table]  # (B, nb, S, H, Dh) gathered
+            pk, pv = pool.k[layer], pool.v[layer]  # (NB, S, H, Dh)
+            pk[self._blk, self._off] = k.transpose(1, 2).to(pk.dtype)
+            pv[self._blk, self._off] = v.transpose(1, 2).to(pv.dtype)
+            if self.span is not None:
+                first, n = self.span
+                keys, values = pk[first: first + n][None], pv[first: first + n][None]  # views, no copy
+            else:
+                keys, values = pk[self.table], pv[self.table]  # (B, nb, S, H, Dh) gathered
+        S, H, Dh = keys.shape[2:]
         # (B, nb*S, H, Dh) -> (B, H, L, Dh): a strided view, which attention reads as is
         return keys.reshape(B, nb * S, H, Dh).transpose(1, 2), values.reshape(B, nb * S, H, Dh).transpose(1, 2)
 
@@ -214,7 +213,7 @@ class BatchKV:
         tok, slot = (slots[None, :] >= used[:, None]).nonzero(as_tuple=True)
         if tok.numel() == 0:
             return
-        src = (used[tok] - 1) % pool.n_slots  # slot of the token's deepest recurrence (slot_for_iter, vectorised)
+        src = used[tok] - 1  # a token with slots above its depth ran fewer recurrences than slots: no wrap-around
         j = torch.arange(pool.n_recur, device=dev)[:, None]  # one copy per recurrent layer
         dst_layer = (pool.recur_layer(0, slot)[None, :] + j).reshape(-1)
         src_layer = (pool.recur_layer(0, src)[None, :] + j).reshape(-1)

@@ -38,7 +38,7 @@ class LayerKV:
 
     __slots__ = ("view", "layer")
 
-    def __init__(self, view: BatchKV, layer: int):
+    def __init__(self, view: BatchKV, layer: int | torch.Tensor):  # a (B,) tensor: one cached layer per row
         self.view, self.layer = view, layer
 
 
@@ -313,9 +313,9 @@ class GPT(nn.Module):
         entropy = -(p * p.clamp_min(1e-9).log()).sum(0)
         return torch.where(valid, expected - beta * entropy, torch.zeros_like(expected))
 
-    def _coda(self, x, cos, sin):
-        for block in self.coda:
-            x = block(x, cos, sin)
+    def _coda(self, x, cos, sin, kv: BatchKV | None = None):
+        for j, block in enumerate(self.coda):
+            x = block(x, cos, sin, None if kv is None else LayerKV(kv, kv.pool.coda_layer(j)))
         return x
 
     # --- cached forward (decode) ----------------------------------------------------------------------------------
@@ -461,9 +461,7 @@ class GPT(nn.Module):
         if self.config.is_recursive:
             kv.fill_forward(flight.done)
         cos, sin = self._rotary_at(kv)
-        y = x
-        for j, block in enumerate(self.coda):
-            y = block(y, cos, sin, LayerKV(kv, kv.pool.coda_layer(j)))
+        y = self._coda(x, cos, sin, kv)
         lengths = torch.full((B,), T, dtype=torch.long, device=x.device) if lengths is None else lengths
         last = (lengths - 1).clamp_min(0)
         rows = torch.arange(B, device=x.device)
@@ -474,9 +472,7 @@ class GPT(nn.Module):
         return self.cos[0][positions], self.sin[0][positions]  # (B, T, 1, Dh/2)
 
     def _coda_logits(self, x, cos, sin, kv: BatchKV) -> torch.Tensor:
-        for j, block in enumerate(self.coda):
-            x = block(x, cos, sin, LayerKV(kv, kv.pool.coda_layer(j)))
-        return self.head(x)
+        return self.head(self._coda(x, cos, sin, kv))
 
     # --- accounting -----------------------------------------------------------------------------------------------
     def num_params(self) -> int:
