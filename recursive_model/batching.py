@@ -331,9 +331,18 @@ class ContinuousEngine:
         if not rows:
             return
         kv = BatchKV.build(self.pool, [s.kv for s in rows], 1, self.device)
+        r = None if carried else self.model.fixed_budget([s.decode for s in rows])
+        if r is not None and (cap is None or cap >= r):  # every row runs r recurrences: one straight-line token
+            idx, init, warm, generators = self._token_inputs(rows)
+            logits, state = self.model.decode_fixed(idx, kv, r, init_state=init, warm=warm, generators=generators)
+            self._finish_tokens(rows, state, logits, [r] * len(rows), events)
+            return
         flights = [s.flight for s in carried]
         if fresh:
-            flights.append(self._begin_tokens(fresh, kv.rows(torch.arange(len(carried), len(rows))) if carried else kv))
+            fresh_kv = kv.rows(torch.arange(len(carried), len(rows))) if carried else kv
+            idx, init, warm, generators = self._token_inputs(fresh)
+            flights.append(self.model.begin_rows(idx, fresh_kv, [s.decode for s in fresh], init_state=init, warm=warm,
+                                                 generators=generators))
         flight = Flight.cat(flights) if len(flights) > 1 else flights[0]
         self.model.recur_rows(flight, kv, max_steps=cap)
         finished = flight.finished
@@ -344,15 +353,18 @@ class ContinuousEngine:
             return
         out, kv_out = (flight, kv) if done.numel() == len(rows) else (flight.rows(done), kv.rows(done))
         logits, state = self.model.finish_rows(out, kv_out)
-        seqs = [rows[b] for b in done.tolist()]
+        self._finish_tokens([rows[b] for b in done.tolist()], state, logits, out.done.tolist(), events)
+
+    def _finish_tokens(self, seqs: list[_Sequence], state: torch.Tensor, logits: torch.Tensor, used: list[int],
+                       events: list[StepEvent]) -> None:
         for b, seq in enumerate(seqs):
             seq.kv.length += 1
             seq.state = state[b: b + 1]
             seq.flight = None
-        self._emit_rows(seqs, logits, out.done.tolist(), events)
+        self._emit_rows(seqs, logits, used, events)
 
-    def _begin_tokens(self, rows: list[_Sequence], kv: BatchKV) -> Flight:
-        """Embed and run the prelude of each row's next token (one batched call); its recurrences follow."""
+    def _token_inputs(self, rows: list[_Sequence]):
+        """(idx (B, 1), warm-start states or None, warm mask, noise generators) of each row's next token."""
         idx = torch.tensor([[s.next_input] for s in rows], dtype=torch.long, device=self.device)
         warm = torch.tensor([s.decode.warm_start and s.state is not None for s in rows], device=self.device)
         init = None
@@ -361,8 +373,7 @@ class ContinuousEngine:
             for b, seq in enumerate(rows):
                 if warm[b]:
                     init[b] = seq.state[0]
-        return self.model.begin_rows(idx, kv, [s.decode for s in rows], init_state=init, warm=warm,
-                                     generators=[s.noise for s in rows])
+        return idx, init, warm, [s.noise for s in rows]
 
     def _emit_rows(self, rows: list[_Sequence], logits: torch.Tensor, used: list[int], events: list[StepEvent]):
         sampled = sample_rows(logits, [s.sampling for s in rows], [s.sampler for s in rows])

@@ -18,7 +18,7 @@ batch size x context length rectangle. `KVPool` owns the blocks; a `SequenceKV` 
 length; `BatchKV` is what one forward call over some rows needs (block table, positions, mask).
 
 Shapes: B=rows, H=kv heads, T=new tokens, L=visible key length, Dh=head dim, NB=blocks in the pool, S=block size.
-Pool layout: (layers, NB, S, H, Dh).
+Pool layout: (layers, NB, S, H, Dh), stored flat as (layers * NB, S, H, Dh).
 """
 
 from __future__ import annotations
@@ -61,9 +61,14 @@ class KVPool:
         self.n_layers = self.n_prelude + self.n_recur * self.n_slots + self.n_coda
         self.block_size, self.num_blocks = block_size, num_blocks
         # token-major blocks: a run of consecutive blocks is one contiguous (tokens, H, Dh) slab, read without a copy
-        shape = (self.n_layers, num_blocks, block_size, config.n_kv_head, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (self.n_layers * num_blocks, block_size, config.n_kv_head, config.head_dim)
+        # The storage is flat over (layer, block): row layer * num_blocks + block. Writes index it directly, so a
+        # compiled decode graph updates it in place (an in-place write through a per-layer view makes the compiled
+        # graph copy that layer). `k`/`v` are the (layers, NB, S, H, Dh) views the rest of the code reads.
+        self.k_flat = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_flat = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = self.k_flat.view(self.n_layers, num_blocks, *shape[1:])
+        self.v = self.v_flat.view(self.n_layers, num_blocks, *shape[1:])
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
 
     @classmethod
@@ -182,28 +187,37 @@ class BatchKV:
         """
         B, nb = self.table.shape
         pool = self.pool
-        if isinstance(layer, torch.Tensor):
-            lay = layer[:, None]  # (B, 1): broadcast over the rows' tokens / blocks
-            pool.k[lay, self._blk, self._off] = k.transpose(1, 2).to(pool.k.dtype)
-            pool.v[lay, self._blk, self._off] = v.transpose(1, 2).to(pool.v.dtype)
-            keys, values = pool.k[lay, self.table], pool.v[lay, self.table]  # (B, nb, S, H, Dh) gathered
+        per_row = isinstance(layer, torch.Tensor)
+        base = (layer[:, None] if per_row else layer) * pool.num_blocks  # the layer's first row in the flat storage
+        kf, vf = pool.k_flat, pool.v_flat
+        kf.index_put_((self._blk + base, self._off), k.transpose(1, 2).to(kf.dtype))
+        vf.index_put_((self._blk + base, self._off), v.transpose(1, 2).to(vf.dtype))
+        if self.span is not None and not per_row:
+            lo = base + self.span[0]
+            keys, values = kf[lo: lo + self.span[1]][None], vf[lo: lo + self.span[1]][None]  # views, no copy
         else:
-            pk, pv = pool.k[layer], pool.v[layer]  # (NB, S, H, Dh)
-            pk[self._blk, self._off] = k.transpose(1, 2).to(pk.dtype)
-            pv[self._blk, self._off] = v.transpose(1, 2).to(pv.dtype)
-            if self.span is not None:
-                first, n = self.span
-                keys, values = pk[first: first + n][None], pv[first: first + n][None]  # views, no copy
-            else:
-                keys, values = pk[self.table], pv[self.table]  # (B, nb, S, H, Dh) gathered
+            keys, values = kf[self.table + base], vf[self.table + base]  # (B, nb, S, H, Dh) gathered
         S, H, Dh = keys.shape[2:]
         # (B, nb*S, H, Dh) -> (B, H, L, Dh): a strided view, which attention reads as is
         return keys.reshape(B, nb * S, H, Dh).transpose(1, 2), values.reshape(B, nb * S, H, Dh).transpose(1, 2)
 
-    def fill_forward(self, used: torch.Tensor) -> None:
-        """Copy each row's deepest recurrent entry (recurrence used-1) into the slots above it, at its positions."""
+    def fill_forward(self, used: torch.Tensor | int) -> None:
+        """Copy each row's deepest recurrent entry (recurrence used-1) into the slots above it, at its positions.
+
+        `used` (B,) per row, or an int shared by every row (a fixed-budget step: the copies are known without reading
+        data, so a compiled graph can hold them).
+        """
         pool = self.pool
         if pool.n_recur == 0:
+            return
+        if isinstance(used, int):
+            pairs = [(pool.recur_layer(j, slot), pool.recur_layer(j, used - 1))
+                     for slot in range(used, pool.n_slots) for j in range(pool.n_recur)]
+            if pairs:
+                dst, src = (torch.tensor(x, device=self._blk.device)[:, None, None] * pool.num_blocks + self._blk
+                            for x in zip(*pairs, strict=True))  # (pairs, B, T) rows of the flat storage
+                pool.k_flat[dst, self._off] = pool.k_flat[src, self._off]
+                pool.v_flat[dst, self._off] = pool.v_flat[src, self._off]
             return
         dev = self._blk.device
         T = self._blk.size(1)

@@ -88,7 +88,8 @@ class Block(nn.Module):
         self.decode_step = None  # set by GPT.compile_decode(): this block's compiled one-token cached forward
 
     def forward(self, x, cos, sin, kv: LayerKV | None = None):
-        if kv is not None and self.decode_step is not None and x.size(1) == 1:
+        # (inside a graph being traced, e.g. the compiled fixed-budget token, the block is traced as part of it)
+        if kv is not None and self.decode_step is not None and x.size(1) == 1 and not torch.compiler.is_compiling():
             return self.decode_step(x, cos, sin, kv)
         return self.layer(x, cos, sin, kv)
 
@@ -115,6 +116,7 @@ class GPT(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self._recur_step = self.recur_step  # replaced by compile_recurrence()
+        self._fixed_token = self.fixed_token  # replaced by compile_decode()
         self.init_weights()
 
     # --- construction ---------------------------------------------------------------------------------------------
@@ -186,15 +188,20 @@ class GPT(nn.Module):
         self._recur_step = torch.compile(self.recur_step, **compile_kwargs)
 
     def compile_decode(self, **compile_kwargs) -> None:
-        """Compile each block's one-token cached forward (cache write + paged gather + attention + MLP).
+        """Compile the one-token cached forward, in two forms (both dynamic in batch size and cache length).
 
-        Decoding is launch-bound at small widths: fusing a layer's ~30 ops is what makes the cache pay. One graph per
-        block, dynamic in batch size and cache length; the loop over recurrences, the exits and the gathers of rows
-        still recurring stay in Python, so neither r nor the exit pattern recompiles.
+        Decoding is launch-bound at small widths, so what pays is fewer, larger graphs:
+        - `decode_fixed` (a step in which every row decodes one token at the same budget with no exit rule: the whole
+          token, prelude to head, is straight-line code) becomes one graph per budget r; after torch's recompile
+          limit (8 variants) further budgets run the per-block graphs below;
+        - every other step (exit rules, mixed budgets, carried tokens) runs each block's compiled one-token forward
+          (cache write + paged read + attention + MLP); the loop over recurrences, the exits and the gathers of rows
+          still recurring stay in Python, so neither r nor the exit pattern recompiles those.
         """
         compile_kwargs.setdefault("dynamic", True)
         for block in [*self.prelude, *self.recur, *self.coda]:
             block.decode_step = torch.compile(block.layer, **compile_kwargs)
+        self._fixed_token = torch.compile(self.fixed_token, **compile_kwargs)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(norm(x)).float()
@@ -369,11 +376,65 @@ class GPT(nn.Module):
         The same pass in three phases, for callers that carry tokens over several steps (continuous batching):
         `begin_rows` -> `recur_rows` (as many times as needed) -> `finish_rows`.
         """
+        r = self.fixed_budget(settings) if idx.size(1) == 1 and not prompt else None
+        if r is not None:
+            logits, state = self.decode_fixed(idx, kv, r, init_state=init_state, warm=warm, generators=generators)
+            return logits, torch.full((idx.size(0),), r, dtype=torch.long, device=idx.device), state
         flight = self.begin_rows(idx, kv, settings, init_state=init_state, warm=warm, generators=generators,
                                  prompt=prompt)
         self.recur_rows(flight, kv)
         logits, state = self.finish_rows(flight, kv, lengths)
         return logits, flight.done, state
+
+    def fixed_budget(self, settings: Sequence[DecodeSettings]) -> int | None:
+        """The budget r when every row runs exactly r recurrences (same r, no exit rule): a `decode_fixed` step."""
+        r = settings[0].num_recur
+        fixed = self.config.is_recursive and all(s.exit is None and s.num_recur == r for s in settings)
+        return r if fixed else None
+
+    @torch.no_grad()
+    def decode_fixed(
+        self,
+        idx: torch.Tensor,
+        kv: BatchKV,
+        num_recur: int,
+        init_state: torch.Tensor | None = None,
+        warm: torch.Tensor | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
+    ):
+        """One generated token per row (idx (B, 1)), every row at budget `num_recur` with no exit rule.
+
+        Equals forward_rows on the same rows (arguments as there), without its per-recurrence bookkeeping: the token
+        is one straight-line function (`fixed_token`), which compile_decode() turns into one graph.
+        Returns (logits (B, V), final state (B, D)).
+        """
+        B = idx.size(0)
+        s0 = None
+        if self.config.state_init == "noise":  # drawn here, outside the graph: each row's own generator
+            s0 = self.initial_state(torch.empty(B, 1, self.config.n_embd, dtype=self.wte.weight.dtype,
+                                                device=idx.device), generators)
+        if init_state is not None:
+            warm = torch.ones(B, dtype=torch.bool, device=idx.device) if warm is None else warm
+        return self._fixed_token(idx, kv, num_recur, s0, init_state, warm)
+
+    def fixed_token(self, idx, kv: BatchKV, num_recur: int, s0=None, init_state=None, warm=None):
+        """decode_fixed's token: prelude, `num_recur` recurrences, the cache fill above them, coda, head."""
+        B = idx.size(0)
+        pool = kv.pool
+        cos, sin = self._rotary_at(kv)
+        x = norm(self.wte(idx))
+        for j, block in enumerate(self.prelude):
+            x = block(x, cos, sin, LayerKV(kv, pool.prelude_layer(j)))
+        s = self.initial_state(x) if s0 is None else s0
+        if init_state is not None:
+            s = torch.where(warm[:, None, None], init_state.view(B, 1, -1).to(x.dtype), s)
+        for i in range(num_recur):
+            slot = pool.slot_for_iter(i)
+            s = self.recur_step(s, x, cos, sin, [LayerKV(kv, pool.recur_layer(j, slot))
+                                                 for j in range(self.config.n_recur)])
+        kv.fill_forward(num_recur)
+        y = self._coda(s, cos, sin, kv)
+        return self.head(y[:, -1]), s[:, -1]
 
     @torch.no_grad()
     def begin_rows(

@@ -125,6 +125,9 @@ class ScriptedModel(torch.nn.Module):
         two = torch.full((B,), 2)
         return Flight(x, x, two, two.clone(), [None] * B)  # every row has run its (scripted) 2 recurrences
 
+    def fixed_budget(self, settings):
+        return None  # always the phases below
+
     def recur_rows(self, flight, kv, max_steps=None):
         pass
 
