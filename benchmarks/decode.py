@@ -2,10 +2,11 @@
 
 Speed: one model (cpu-small shape, every weight random so greedy decoding is not degenerate), batch 1, a short
 prompt, then `new_tokens` greedy tokens. `cached` prefills the prompt with `forward_cached` and then feeds one token
-at a time; `cached_compiled` does the same after `model.compile_decode()` (each block's one-token cached forward
-compiled once; the serving path); `recompute` runs `model(idx)` over the whole sequence for each new token. Runs are
-interleaved and a speed-up is the median of per-repetition time ratios; `speedup_cached_vs_recompute` is the compiled
-one. All must produce the same tokens (exact cache = full forward). Compile time is excluded (warm-up run).
+at a time; `cached_compiled` does the same after `model.compile_decode()` (fixed r, no exit: each token is one
+compiled graph, prelude to head; the serving path); `recompute` runs `model(idx)` over the whole sequence for each
+new token. Runs are interleaved and a speed-up is the median of per-repetition time ratios;
+`speedup_cached_vs_recompute` is the compiled one. All must produce the same tokens (exact cache = full forward).
+Compile time is excluded (warm-up run).
 Memory: `KVCache.nbytes()` for a sequence of 256 tokens, per strategy (exact, ring:2, final) at r = 4 and r = 8, for
 the benchmark model and the d20-recursive reference shape (built on the meta device, no memory used).
 
@@ -118,7 +119,7 @@ def main() -> None:
             "tokens_per_s": {name: median([new_tokens / s for s in ts]) for name, ts in times.items()},
             "seconds_all_reps": {name: [round(s, 3) for s in ts] for name, ts in times.items()},
             "threads": args.threads,
-            # the serving path: compile_decode() (one graph per block) over the paged cache
+            # the serving path: compile_decode() (one whole-token graph at fixed r) over the paged cache
             "speedup_cached_vs_recompute": speedup,
             "speedup_eager_cached_vs_recompute": speedup_eager,
             # fastest run of each side: the least disturbed by other load on the machine

@@ -248,8 +248,7 @@ def test_compiled_decode_equals_eager_with_graphs_bounded_by_blocks(tokenizer, m
                        join_at={2: 3})
         graphs = counters["stats"]["unique_graphs"]
     finally:
-        for block in [*model.prelude, *model.recur, *model.coda]:
-            block.decode_step = None
+        model.uncompile_decode()
         torch._dynamo.reset()
     assert compiled == eager
     n_blocks = model.config.n_prelude + model.config.n_recur + model.config.n_coda
@@ -288,3 +287,55 @@ def test_learned_exit_needs_a_gate(model, tokenizer):
         GPTConfig.from_preset("tiny", n_recur=0, exit_gate=True)
     with pytest.raises(ValueError, match="no exit gate"):
         engine_for(model, tokenizer, "exact").submit([5], GREEDY, DecodeSettings(exit=learned))
+
+
+def _fixed_budget_requests(strategy: str, warm: bool, r: int = 5):
+    return [(p, SamplingParams(max_tokens=7, temperature=0.0, seed=i),
+             DecodeSettings(num_recur=r, kv_cache=strategy, warm_start=warm)) for i, p in enumerate(PROMPTS[:3])]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("warm", [False, True])
+@pytest.mark.parametrize("state_init", ["embed", "noise"])
+def test_fixed_budget_token_equals_the_phased_token(tokenizer, strategy, warm, state_init):
+    """A step whose rows share one budget and no exit rule runs `decode_fixed` (one straight-line token); it equals the
+    phased begin/recur/finish path token for token, and leaves the same KV pool behind (ring fill included)."""
+    model = contractive_model(tokenizer.vocab_size, state_init=state_init)
+    requests = _fixed_budget_requests(strategy, warm)
+    fixed_calls = []
+    original = model.decode_fixed
+    model.decode_fixed = lambda *a, **k: fixed_calls.append(1) or original(*a, **k)
+    fast_engine = engine_for(model, tokenizer, strategy)
+    fast = run(fast_engine, requests, join_at={2: 3})
+    del model.decode_fixed
+    model.fixed_budget = lambda settings: None  # every step through begin_rows / recur_rows / finish_rows
+    slow_engine = engine_for(model, tokenizer, strategy)
+    phased = run(slow_engine, requests, join_at={2: 3})
+    assert len(fixed_calls) > 5
+    assert fast == phased
+    assert all(u == 5 for row in fast for _, u in row)
+    for name in ("k_flat", "v_flat"):
+        torch.testing.assert_close(getattr(fast_engine.pool, name), getattr(slow_engine.pool, name), rtol=0, atol=1e-12)
+
+
+def test_compiled_fixed_budget_token_equals_eager_with_one_graph_per_budget(tokenizer):
+    from torch._dynamo.utils import counters
+
+    model = contractive_model(tokenizer.vocab_size)
+    budgets = [3, 1, 6]
+    eager = [run(engine_for(model, tokenizer, "ring:2"), _fixed_budget_requests("ring:2", True, r)) for r in budgets]
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile_decode(backend="aot_eager")
+    try:
+        compiled = [run(engine_for(model, tokenizer, "ring:2"), _fixed_budget_requests("ring:2", True, r))
+                    for r in budgets]
+        frames = counters["stats"]["unique_graphs"]
+    finally:
+        model.uncompile_decode()
+        torch._dynamo.reset()
+    assert compiled == eager
+    n_blocks = model.config.n_prelude + model.config.n_recur + model.config.n_coda
+    # the whole-token graph once per budget (batch 1 may specialise once more), plus the per-block graphs of the
+    # prompt-token steps; batch size and cache length never recompile
+    assert 0 < frames <= 2 * len(budgets) + 2 * n_blocks, frames
