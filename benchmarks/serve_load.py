@@ -117,6 +117,25 @@ def serving_cpu_s() -> dict[str, float]:
     return parts
 
 
+def replica_window(base: str, replica: Any, body: dict, clients: dict[str, int], window: float) -> dict[str, float]:
+    """One closed-loop window against one tier: tokens/s (wall and per serving CPU-second), p50, CPU-ms per request
+    by part of the path, and what the replica's engine saw (rows decoded per step, fraction of the time busy)."""
+    before, t0, cpu0 = replica.info.remote().result(), time.perf_counter(), serving_cpu_s()
+    res = asyncio.run(closed_loop(base, {"medium": body}, clients, window))["medium"]
+    wall, cpu1 = time.perf_counter() - t0, serving_cpu_s()
+    after = replica.info.remote().result()
+    parts = {k: cpu1[k] - cpu0[k] for k in cpu0}
+    steps = max(1, after["steps"] - before["steps"])  # tokens per step = rows decoded together
+    return {
+        "http": res["tokens_per_s"],
+        "http_cpu": res["tokens_per_s"] * wall / max(1e-9, sum(parts.values())),
+        "p50": res["p50_ms"] or 0.0,
+        "rows": (after["tokens_generated"] - before["tokens_generated"]) / steps,
+        "busy": (after["busy_s"] - before["busy_s"]) / wall,
+        **{f"cpu_ms_{k}": 1000 * v / max(1, res["requests"]) for k, v in parts.items()},
+    }
+
+
 _SERVE_PROCS = [
     (b"ray::ProxyActor", "proxy"),
     (b"ray::ServeReplica:bench:ingress", "ingress"),
@@ -176,8 +195,9 @@ async def closed_loop(
     return out
 
 
-def serve_config(ckpt: Path, concurrency: int, max_tokens: int, stream_interval_s: float | None) -> dict[str, Any]:
-    """One replica per tier, each as many engine rows as clients can send it; single-r tiers plus the shared one."""
+def serve_config(ckpt: Path, concurrency: int, max_tokens: int, stream: dict[str, Any]) -> dict[str, Any]:
+    """One replica per tier, each as many engine rows as clients can send it; single-r tiers plus the shared one.
+    `stream`: the tiers' stream_* settings."""
 
     def tier(name: str, r_min: int, r_max: int) -> dict[str, Any]:
         return {
@@ -189,7 +209,7 @@ def serve_config(ckpt: Path, concurrency: int, max_tokens: int, stream_interval_
             "max_running": concurrency,
             "max_waiting": concurrency,
             "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-            **({"stream_interval_s": stream_interval_s} if stream_interval_s is not None else {}),
+            **stream,
         }
 
     return {
@@ -237,6 +257,8 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=24.0, help="seconds per throughput variant (over all rounds)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved direct/HTTP (and alone/mixed) windows")
     p.add_argument("--stream-interval", type=float, default=None, help="tier stream_interval_s (default: TierConfig's)")
+    p.add_argument("--stream-chunks-per-s", type=float, default=None,
+                   help="tier stream_chunks_per_s (default: TierConfig's; 0 = no budget)")
     p.add_argument("--port", type=int, default=8471)
     args = p.parse_args()
     if args.quick:
@@ -256,7 +278,10 @@ def main() -> None:
     os.dup2(2, 1)
     r = TIERS["medium"]
     window = args.duration / args.rounds
-    app_config = serve_config(Path("ckpt"), args.concurrency, args.max_tokens, args.stream_interval)
+    stream = {} if args.stream_interval is None else {"stream_interval_s": args.stream_interval}
+    if args.stream_chunks_per_s is not None:
+        stream["stream_chunks_per_s"] = args.stream_chunks_per_s or None
+    app_config = serve_config(Path("ckpt"), args.concurrency, args.max_tokens, stream)
     with tempfile.TemporaryDirectory(prefix="rnc-bench-") as tmp:
         ckpt = build_checkpoint(Path(tmp) / "ckpt", args.preset, overrides)
         app_config["checkpoint"] = str(ckpt)
@@ -275,36 +300,14 @@ def main() -> None:
             clients = {"medium": args.concurrency}
             asyncio.run(closed_loop(base, {"medium": body}, clients, min(3.0, window)))  # warm-up
             medium = serve.get_deployment_handle("tier-medium", app_name="bench")
-            rounds: dict[str, list[float]] = {
-                k: [] for k in ("direct", "direct_cpu", "http", "http_cpu", "stream", "rows", "busy", "p50")
-            }
+            rounds: dict[str, list[float]] = {"direct": [], "direct_cpu": []}
             for _ in range(args.rounds):  # direct, HTTP and HTTP streaming alternate: drift hits all alike
                 tps, tpc = engine_direct(engine, args.concurrency, args.max_tokens, r, window)
                 rounds["direct"].append(tps)
                 rounds["direct_cpu"].append(tpc)
-                before, t0, cpu0 = medium.info.remote().result(), time.perf_counter(), serving_cpu_s()
-                res = asyncio.run(closed_loop(base, {"medium": body}, clients, window))["medium"]
-                wall, cpu1 = time.perf_counter() - t0, serving_cpu_s()
-                cpu_parts = {k: cpu1[k] - cpu0[k] for k in cpu0}
-                cpu = sum(cpu_parts.values())
-                for k, v in cpu_parts.items():  # CPU-ms per request by part of the path
-                    rounds.setdefault(f"cpu_ms_{k}", []).append(1000 * v / max(1, res["requests"]))
-                after = medium.info.remote().result()
-                rounds["http"].append(res["tokens_per_s"])
-                rounds["http_cpu"].append(res["tokens_per_s"] * wall / max(1e-9, cpu))
-                rounds["p50"].append(res["p50_ms"] or 0.0)
-                steps = max(1, after["steps"] - before["steps"])  # tokens per step = rows decoded together
-                rounds["rows"].append((after["tokens_generated"] - before["tokens_generated"]) / steps)
-                rounds["busy"].append((after["busy_s"] - before["busy_s"]) / wall)
-                stream_body = {"medium": {**body, "stream": True}}
-                cpu0 = serving_cpu_s()
-                res = asyncio.run(closed_loop(base, stream_body, clients, window))["medium"]
-                cpu1 = serving_cpu_s()
-                for k in cpu0:
-                    rounds.setdefault(f"stream_cpu_ms_{k}", []).append(
-                        1000 * (cpu1[k] - cpu0[k]) / max(1, res["requests"])
-                    )
-                rounds["stream"].append(res["tokens_per_s"])
+                for key, b in (("http", body), ("stream", {**body, "stream": True})):
+                    for k, v in replica_window(base, medium, b, clients, window).items():
+                        rounds.setdefault(k if key == "http" else f"stream_{k}", []).append(v)
             half = max(1, args.concurrency // 2)
             shared = SHARED[0]
             one_replica = {
@@ -322,7 +325,7 @@ def main() -> None:
     sys.stdout.flush()
     os.dup2(json_out, 1)
     ratio = median_ratio(rounds["http"], rounds["direct"])
-    ratio_stream = median_ratio(rounds["stream"], rounds["direct"])
+    ratio_stream = median_ratio(rounds["stream_http"], rounds["direct"])
     low_p50 = shared_replica["low_p50_mixed_vs_alone"]
     goal_met = {
         "ratio_http_vs_direct": ratio >= GOAL_HTTP,
@@ -344,13 +347,14 @@ def main() -> None:
                 "r_by_tier": TIERS,
                 "shared_tier": {"name": SHARED[0], "r_min": SHARED[1], "r_max": SHARED[2]},
                 "stream_interval_s": ServeConfig.model_validate(app_config).tier("medium").stream_interval_s,
+                "stream_chunks_per_s": ServeConfig.model_validate(app_config).tier("medium").stream_chunks_per_s,
             },
             "throughput": {
                 "tier": "medium",
                 "r": r,
                 "engine_direct_tokens_per_s": round(median(rounds["direct"]), 1),
                 "http_tokens_per_s": round(median(rounds["http"]), 1),
-                "http_stream_tokens_per_s": round(median(rounds["stream"]), 1),
+                "http_stream_tokens_per_s": round(median(rounds["stream_http"]), 1),
                 "ratio_http_vs_direct": round(ratio, 3),
                 "ratio_http_stream_vs_direct": round(ratio_stream, 3),
                 "engine_direct_tokens_per_cpu_s": round(median(rounds["direct_cpu"]), 1),
@@ -358,10 +362,14 @@ def main() -> None:
                 "ratio_http_vs_direct_per_cpu_s": round(median_ratio(rounds["http_cpu"], rounds["direct_cpu"]), 3),
                 "http_cpu_ms_per_request": cpu_ms(rounds, "cpu_ms_"),
                 "http_stream_cpu_ms_per_request": cpu_ms(rounds, "stream_cpu_ms_"),
+                "http_stream_tokens_per_cpu_s": round(median(rounds["stream_http_cpu"]), 1),
                 "http_p50_ms": round(median(rounds["p50"]), 1),
                 "http_mean_rows_per_step": round(median(rounds["rows"]), 2),
                 "http_replica_busy_fraction": round(median(rounds["busy"]), 3),
-                "per_round": {k: [round(x, 1) for x in rounds[k]] for k in ("direct", "http", "stream")},
+                "http_stream_p50_ms": round(median(rounds["stream_p50"]), 1),
+                "http_stream_mean_rows_per_step": round(median(rounds["stream_rows"]), 2),
+                "http_stream_replica_busy_fraction": round(median(rounds["stream_busy"]), 3),
+                "per_round": {k: [round(x, 1) for x in rounds[k]] for k in ("direct", "http", "stream_http")},
             },
             "low_budget_latency": {
                 "low_p50_mixed_vs_alone": low_p50,

@@ -72,7 +72,12 @@ class TierModel:
         engine = ContinuousEngine(
             loaded.engine.model, loaded.tokenizer, **self.tier.engine_options(loaded.config.sequence_len)
         )
-        self.batcher = ReplicaBatcher(engine, TierMetrics(tier), retry_after_s=self.tier.retry_after_s)
+        self.batcher = ReplicaBatcher(
+            engine,
+            TierMetrics(tier),
+            retry_after_s=self.tier.retry_after_s,
+            stream_chunks_per_s=self.tier.stream_chunks_per_s,
+        )
 
     async def generate(self, request: GenerationRequest) -> Completion:
         return await self.batcher.generate(request)

@@ -95,6 +95,10 @@ class ReplicaBatcher:
     """Continuous batching for one replica: `stream` / `generate` from one or more event loops, one engine thread.
 
     `stats_interval_s`: how often (at most) the engine's load goes to the metrics sink while it is busy.
+    `stream_chunks_per_s`: the replica's budget of stream chunks per second, shared by the streams open at the time:
+    each stream's chunks come at most every max(min_interval_s, open streams / stream_chunks_per_s) seconds. Every
+    chunk costs milliseconds of CPU on each process it crosses (replica, ingress, proxy), so under load chunks merge
+    more tokens instead of that cost growing with the number of streams; alone, a stream keeps its min_interval_s.
     """
 
     def __init__(
@@ -103,13 +107,18 @@ class ReplicaBatcher:
         metrics: MetricsSink | None = None,
         retry_after_s: int = 1,
         stats_interval_s: float = 0.5,
+        stream_chunks_per_s: float | None = None,
     ):
+        if stream_chunks_per_s is not None and stream_chunks_per_s <= 0:
+            raise ValueError(f"stream_chunks_per_s={stream_chunks_per_s}; must be > 0 (or None: no budget)")
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.sequence_len: int = engine.config.sequence_len
         self.metrics = metrics
         self.retry_after_s = retry_after_s
         self.stats_interval_s = stats_interval_s
+        self.stream_chunks_per_s = stream_chunks_per_s
+        self._open_streams = 0  # streams delivering tokens now (event-loop side; guarded by _lock)
         self._inbox: queue.SimpleQueue[_Job | _Cancel | None] = queue.SimpleQueue()
         self._lock = threading.Lock()  # orders "is the engine thread alive" against putting into the inbox
         self._error: BaseException | None = None  # why the engine thread stopped
@@ -164,8 +173,9 @@ class ReplicaBatcher:
         """Yield StreamChunks as tokens are generated, then one Completion. Raises RequestError for a request that
         cannot run (400, naming the field) or cannot be queued now (503 with `retry_after_s`).
 
-        The first chunk comes as soon as the first token exists; later chunks at most every `min_interval_s`
-        (tokens in between are merged), which bounds per-token messaging cost when the stream crosses processes.
+        The first chunk comes as soon as the first token exists; later chunks at most every `min_interval_s`, or
+        less often while other streams share the replica's `stream_chunks_per_s` (tokens in between are merged),
+        which bounds the messaging cost when the stream crosses processes.
         With `tokens=False` only the Completion comes (no per-token work at all).
         """
         self._check(req)
@@ -173,10 +183,13 @@ class ReplicaBatcher:
         job = _Job(req, self.tokenizer, tokens, loop)
         self._put(job)
         last_yield: float | None = None
+        if tokens:
+            self._count_stream(+1)
         try:
             while True:
-                if last_yield is not None and min_interval_s > 0 and not job.finished.is_set():
-                    left = last_yield + min_interval_s - loop.time()
+                interval = self._chunk_interval(min_interval_s) if tokens else 0.0
+                if last_yield is not None and interval > 0 and not job.finished.is_set():
+                    left = last_yield + interval - loop.time()
                     if left > 0:
                         try:
                             await asyncio.wait_for(job.finished.wait(), left)
@@ -193,6 +206,8 @@ class ReplicaBatcher:
                     yield end
                     return
         finally:
+            if tokens:
+                self._count_stream(-1)
             if not job.finished.is_set():
                 self._put(_Cancel(job), quiet=True)  # the consumer went away: free its row at the next step
             job.done = True
@@ -213,6 +228,16 @@ class ReplicaBatcher:
         self._scorer.shutdown(wait=False)
 
     # ----------------------------------------------------------------------------------------- event-loop side
+    def _count_stream(self, delta: int) -> None:
+        with self._lock:
+            self._open_streams += delta
+
+    def _chunk_interval(self, min_interval_s: float) -> float:
+        """Seconds between a stream's chunks now: its own floor, or its share of the replica's chunk budget."""
+        if self.stream_chunks_per_s is None:
+            return min_interval_s
+        return max(min_interval_s, self._open_streams / self.stream_chunks_per_s)
+
     def _check(self, req: GenerationRequest) -> None:
         """What can be refused before the request reaches the engine thread, with the request field to blame."""
         n = len(req.prompt)

@@ -118,6 +118,12 @@ class TierConfig(_Strict):
     stream_interval_s: float = Field(
         0.05, ge=0, description="streaming: tokens are sent at most this often after the first (merged in between)"
     )
+    stream_chunks_per_s: float | None = Field(
+        40.0,
+        gt=0,
+        description="streaming: a replica's stream chunks per second, shared by its open streams (each chunk costs "
+        "CPU on every process it crosses, so under load chunks carry more tokens; null = no budget)",
+    )
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     description: str = Field("", description="free text shown in /v1/models and the chat page")
 

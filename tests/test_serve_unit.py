@@ -438,6 +438,37 @@ def test_stream_chunks_add_up_and_budgets_are_per_request(engine: Engine) -> Non
         assert [x for c in chunks for x in c.recurs] == end.recurs == [r] * end.completion_tokens
 
 
+def _stream_all(batcher: ReplicaBatcher, reqs: list[GenerationRequest]) -> list[list[StreamChunk | Completion]]:
+    async def run() -> list[list[StreamChunk | Completion]]:
+        async def collect(req: GenerationRequest) -> list[StreamChunk | Completion]:
+            return [ev async for ev in batcher.stream(req)]
+
+        return await asyncio.wait_for(asyncio.gather(*(collect(r) for r in reqs)), 60)
+
+    return asyncio.run(run())
+
+
+def test_open_streams_share_the_replicas_chunk_budget(engine: Engine) -> None:
+    """stream_chunks_per_s is shared by the open streams: four streams on a budget of 0.1 chunks/s may send a chunk
+    every 40 s each, so each gets its first token at once and the rest merged into one chunk when it ends (the end
+    does not wait out the interval); without a budget a stream gets a chunk as tokens come."""
+    reqs = [_req(engine, f"prompt {i}", 12, r=1) for i in range(4)]
+    budgeted, _ = _batcher(engine, WIDE, stream_chunks_per_s=0.1)
+    free, _ = _batcher(engine, WIDE)
+    for events in _stream_all(budgeted, reqs):
+        *chunks, end = events
+        assert isinstance(end, Completion) and end.completion_tokens == 12
+        assert len(chunks) <= 2 and max(len(c.tokens) for c in chunks) >= 6  # (the first token may come alone)
+        assert "".join(c.text for c in chunks) == end.text
+    assert budgeted._open_streams == 0
+    (*chunks, end), = _stream_all(free, reqs[:1])
+    assert len(chunks) > 2 and "".join(c.text for c in chunks) == end.text
+    with pytest.raises(ValueError, match="stream_chunks_per_s"):
+        TierConfig(name="t", stream_chunks_per_s=0)
+    with pytest.raises(ValueError, match="stream_chunks_per_s=-1"):
+        ReplicaBatcher(free.engine, stream_chunks_per_s=-1)
+
+
 def test_adaptive_exit_spends_fewer_recurrences(engine: Engine) -> None:
     req = _req(engine, "hello", 12, r=4, exit=ExitRule(criterion="latent", threshold=1e9))
     (done,) = _generate_all(_batcher(engine, WIDE)[0], [req])
