@@ -230,26 +230,30 @@ def test_noise_state_init_is_reproducible_and_batch_invariant(tokenizer):
     assert together == alone
 
 
-@pytest.mark.parametrize("min_step_recur", [None, 1])
-def test_compiled_decode_equals_eager_with_graphs_bounded_by_blocks(tokenizer, min_step_recur):
-    """compile_decode: one graph family per block whatever r, batch size, cache length or exit pattern, also when
-    carried tokens put a step's rows at different recurrences (per-row cache slots)."""
+def compiled_run(model: GPT, fn):
+    """fn() after model.compile_decode(backend='aot_eager'), and how many graphs torch built meanwhile."""
     from torch._dynamo.utils import counters
 
-    model = contractive_model(tokenizer.vocab_size)
-    requests = [(p, GREEDY, DecodeSettings(num_recur=r, exit=rule))
-                for p, r, rule in zip(PROMPTS, [8, 1, 5, 3, 2], RULES + RULES, strict=False)]
-    eager = run(engine_for(model, tokenizer, "exact"), requests, join_at={2: 3})
     torch._dynamo.reset()
     counters.clear()
     model.compile_decode(backend="aot_eager")
     try:
-        compiled = run(engine_for(model, tokenizer, "exact", min_step_recur=min_step_recur), requests,
-                       join_at={2: 3})
-        graphs = counters["stats"]["unique_graphs"]
+        return fn(), counters["stats"]["unique_graphs"]
     finally:
         model.uncompile_decode()
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("min_step_recur", [None, 1])
+def test_compiled_decode_equals_eager_with_graphs_bounded_by_blocks(tokenizer, min_step_recur):
+    """compile_decode: one graph family per block whatever r, batch size, cache length or exit pattern, also when
+    carried tokens put a step's rows at different recurrences (per-row cache slots)."""
+    model = contractive_model(tokenizer.vocab_size)
+    requests = [(p, GREEDY, DecodeSettings(num_recur=r, exit=rule))
+                for p, r, rule in zip(PROMPTS, [8, 1, 5, 3, 2], RULES + RULES, strict=False)]
+    eager = run(engine_for(model, tokenizer, "exact"), requests, join_at={2: 3})
+    engine = engine_for(model, tokenizer, "exact", min_step_recur=min_step_recur)
+    compiled, graphs = compiled_run(model, lambda: run(engine, requests, join_at={2: 3}))
     assert compiled == eager
     n_blocks = model.config.n_prelude + model.config.n_recur + model.config.n_coda
     assert 0 < graphs <= 2 * n_blocks, graphs  # batch 1 may specialise once; r and exits never recompile
@@ -319,21 +323,14 @@ def test_fixed_budget_token_equals_the_phased_token(tokenizer, strategy, warm, s
 
 
 def test_compiled_fixed_budget_token_equals_eager_with_one_graph_per_budget(tokenizer):
-    from torch._dynamo.utils import counters
-
     model = contractive_model(tokenizer.vocab_size)
     budgets = [3, 1, 6]
-    eager = [run(engine_for(model, tokenizer, "ring:2"), _fixed_budget_requests("ring:2", True, r)) for r in budgets]
-    torch._dynamo.reset()
-    counters.clear()
-    model.compile_decode(backend="aot_eager")
-    try:
-        compiled = [run(engine_for(model, tokenizer, "ring:2"), _fixed_budget_requests("ring:2", True, r))
-                    for r in budgets]
-        frames = counters["stats"]["unique_graphs"]
-    finally:
-        model.uncompile_decode()
-        torch._dynamo.reset()
+
+    def all_budgets():
+        return [run(engine_for(model, tokenizer, "ring:2"), _fixed_budget_requests("ring:2", True, r)) for r in budgets]
+
+    eager = all_budgets()
+    compiled, frames = compiled_run(model, all_budgets)
     assert compiled == eager
     n_blocks = model.config.n_prelude + model.config.n_recur + model.config.n_coda
     # the whole-token graph once per budget (batch 1 may specialise once more), plus the per-block graphs of the
