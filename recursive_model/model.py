@@ -500,26 +500,45 @@ class GPT(nn.Module):
         steps = remaining if max_steps is None else min(remaining, max_steps)
         checks = (_ExitChecks(f.exits, f.s.device, self.gate_prob if self.exit_gate is not None else None,
                               f.prev_logp) if any(x is not None for x in f.exits) else None)
+        # The rows still recurring are kept compact across recurrences: gathered once, and again only when some of
+        # them finish (whose states and counts are then written back); finished rows cost nothing.
+        rows = (~f.finished).nonzero().squeeze(1)
+        if rows.numel() == B:  # every row: no gather at all
+            s, e, c, sn, kv_a = f.s, f.e, cos, sin, kv
+        else:
+            s, e, c, sn, kv_a = f.s[rows], f.e[rows], cos[rows], sin[rows], kv.rows(rows)
+        it, budget = f.done[rows], f.budgets[rows]
+        lo, hi = (int(it.min()), int(it.max())) if rows.numel() else (0, 0)
+        same = lo if lo == hi else None  # the common case: every row at one recurrence, one cache slot (an int)
+
+        def write_back(local: torch.Tensor | None) -> None:  # rows[local] (None: all of them) leave the compact set
+            idx, st, n = (rows, s, it) if local is None else (rows[local], s[local], it[local])
+            f.s = st if idx.numel() == B else f.s.index_copy(0, idx, st)
+            f.done[idx] = n
+
         for _ in range(steps):
-            active = ~f.finished
-            if not bool(active.any()):
+            if rows.numel() == 0:
                 break
-            if bool(active.all()):
-                rows, s_in, e_in, c, sn, kv_i, it = None, f.s, f.e, cos, sin, kv, f.done.clone()
-            else:  # gather the rows still recurring; the others keep their state and cost nothing
-                rows = active.nonzero().squeeze(1)
-                s_in, e_in, c, sn, kv_i, it = f.s[rows], f.e[rows], cos[rows], sin[rows], kv.rows(rows), f.done[rows]
-            slot = pool.slots_for_iters(it)  # an int when every row runs the same recurrence (the common case)
-            s_out = self.recur_step(s_in, e_in, c, sn, [LayerKV(kv_i, pool.recur_layer(j, slot))
-                                                       for j in range(self.config.n_recur)])
-            idx = torch.arange(B, device=f.s.device) if rows is None else rows
-            f.done[idx] += 1
+            slot = pool.slot_for_iter(same) if same is not None else pool.slots_for_iters(it)
+            s_out = self.recur_step(s, e, c, sn, [LayerKV(kv_a, pool.recur_layer(j, slot))
+                                                  for j in range(self.config.n_recur)])
+            finished = it + 1 >= budget
             if checks is not None:
-                probe = lambda sub, st=s_out, c=c, sn=sn, kv_i=kv_i: (  # noqa: E731
-                    self._coda_logits(st, c, sn, kv_i) if isinstance(sub, slice)
-                    else self._coda_logits(st[sub], c[sub], sn[sub], kv_i.rows(sub)))
-                f.exited[idx] |= checks.step(it, idx, s_in[:, -1], s_out[:, -1], probe)
-            f.s = s_out if rows is None else f.s.index_copy(0, rows, s_out)
+                probe = lambda sub, st=s_out, c=c, sn=sn, kv_a=kv_a: (  # noqa: E731
+                    self._coda_logits(st, c, sn, kv_a) if isinstance(sub, slice)
+                    else self._coda_logits(st[sub], c[sub], sn[sub], kv_a.rows(sub)))
+                exited = checks.step(it, rows, s[:, -1], s_out[:, -1], probe)
+                f.exited[rows] |= exited
+                finished |= exited
+            s, it = s_out, it + 1
+            same = None if same is None else same + 1
+            if bool(finished.any()):
+                write_back(finished.nonzero().squeeze(1))
+                keep = (~finished).nonzero().squeeze(1)
+                rows, s, e, c, sn, it, budget = rows[keep], s[keep], e[keep], c[keep], sn[keep], it[keep], budget[keep]
+                kv_a = kv_a.rows(keep)
+        if rows.numel():
+            write_back(None)
         if checks is not None:
             f.prev_logp = checks.prev_logp
 
