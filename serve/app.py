@@ -53,15 +53,13 @@ class TierModel:
     def __init__(self, config: dict[str, Any], tier: str):
         import torch
 
-        from recursive_model.batching import ContinuousEngine
-
-        from .loading import load_engine
+        from .loading import replica_engine
         from .metrics import TierMetrics
 
         cfg = ServeConfig.model_validate(config)
         self.tier = cfg.tier(tier)
         torch.set_num_threads(self.tier.torch_threads)
-        loaded = load_engine(cfg.checkpoint, cfg.cache_dir)
+        loaded, engine = replica_engine(cfg.checkpoint, cfg.cache_dir, self.tier)
         if self.tier.r_max > loaded.config.recurrence.r_max:
             logger.warning(
                 "tier %s: r_max=%d is deeper than training (recurrence.r_max=%d): extrapolated depth",
@@ -69,9 +67,6 @@ class TierModel:
                 self.tier.r_max,
                 loaded.config.recurrence.r_max,
             )
-        engine = ContinuousEngine(
-            loaded.engine.model, loaded.tokenizer, **self.tier.engine_options(loaded.config.sequence_len)
-        )
         self.batcher = ReplicaBatcher(
             engine,
             TierMetrics(tier),

@@ -89,6 +89,11 @@ class TierConfig(_Strict):
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica (fractions allowed)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per replica; >1 oversubscribes small CPUs")
+    compile_decode: bool = Field(
+        False,
+        description="torch.compile one-token decoding in each replica (GPT.compile_decode: a whole-token graph per "
+        "fixed budget, per-block graphs otherwise); the first steps of each new shape pay the compile",
+    )
     max_running: int = Field(16, ge=1, description="sequences decoded together in each engine step (at most)")
     max_waiting: int = Field(
         16, ge=1, description="requests a replica queues for admission; one more is refused at once (503)"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from checkpoints import (
     INFERENCE_PARTS,
@@ -21,9 +21,13 @@ from checkpoints import (
     load_config,
     load_tokenizer,
 )
+from recursive_model.batching import ContinuousEngine
 from recursive_model.config import GPTConfig
 from recursive_model.engine import Engine
 from recursive_model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .config import TierConfig
 
 
 @dataclass
@@ -49,6 +53,22 @@ def load_engine(uri: str, cache_dir: str | os.PathLike[str] | None = None, devic
     loaded = load_checkpoint(ckpt, device=device)
     loaded.model.eval()
     return LoadedModel(Engine(loaded.model, loaded.tokenizer), loaded.config, loaded.tokenizer, loaded.meta, ckpt.path)
+
+
+def replica_engine(uri: str, cache_dir: str | os.PathLike[str] | None, tier: TierConfig) -> tuple[LoadedModel,
+                                                                                                   ContinuousEngine]:
+    """What one replica of `tier` serves: the checkpoint on the tier's device (CUDA when the tier reserves GPUs), its
+    one-token decode compiled when `tier.compile_decode`, behind one ContinuousEngine sized by the tier."""
+    import torch
+
+    device = "cuda" if tier.num_gpus > 0 else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"tier {tier.name}: num_gpus={tier.num_gpus} but torch sees no CUDA device in this replica")
+    loaded = load_engine(uri, cache_dir, device=device)
+    if tier.compile_decode:
+        loaded.engine.model.compile_decode()  # graphs are built by the first steps that need them
+    engine = ContinuousEngine(loaded.engine.model, loaded.tokenizer, **tier.engine_options(loaded.config.sequence_len))
+    return loaded, engine
 
 
 def load_tokenizer_and_config(uri: str, cache_dir: str | os.PathLike[str] | None = None) -> tuple[Tokenizer, GPTConfig]:

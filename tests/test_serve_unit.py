@@ -26,7 +26,7 @@ from serve.batcher import EngineSnapshot, ReplicaBatcher
 from serve.completions import CompletionPlanner, CompletionStreamFormatter
 from serve.config import ServeConfig, TierConfig, load_config
 from serve.generation import Completion, GenerationRequest, StreamChunk, TokenDecoder, find_stop
-from serve.loading import load_engine, load_tokenizer_and_config
+from serve.loading import load_engine, load_tokenizer_and_config, replica_engine
 from serve.protocol import parse_chat_request, parse_completion_request
 from serve.router import Budget, BudgetRouter, RequestError, merge_budgets, model_budget
 from serve.service import ChatPlanner, StreamFormatter, error_response
@@ -888,6 +888,20 @@ def test_load_local_checkpoint_verifies_the_manifest(ckpt_dir: Path, tmp_path: P
         load_engine(str(bad))
     with pytest.raises(CheckpointError, match="no such directory"):
         load_engine(str(tmp_path / "missing"))
+
+
+def test_a_replica_runs_on_its_tiers_device_with_decode_compiled_when_asked(ckpt_dir: Path) -> None:
+    tier = TierConfig(name="t", r_max=3, max_running=2, kv_tokens=256)
+    loaded, engine = replica_engine(str(ckpt_dir), None, tier)
+    model = loaded.engine.model
+    assert engine.model is model and engine.max_recur == 3 and engine.pool.num_blocks * engine.pool.block_size == 256
+    assert model._fixed_token == model.fixed_token  # eager by default
+    compiled, _ = replica_engine(str(ckpt_dir), None, tier.model_copy(update={"compile_decode": True}))
+    assert compiled.engine.model._fixed_token != compiled.engine.model.fixed_token
+    assert all(b.decode_step is not None for b in compiled.engine.model.recur)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="num_gpus=1.* but torch sees no CUDA device"):
+            replica_engine(str(ckpt_dir), None, tier.model_copy(update={"num_gpus": 1}))
 
 
 def test_s3_checkpoint_is_downloaded_once_per_node(ckpt_dir: Path, s3_bucket: S3Bucket, tmp_path: Path) -> None:
