@@ -5,7 +5,7 @@
     used / r_max over the decoded tokens (the admission step, which prefills every prompt at the full budget in both
     runs, is timed apart: `adaptive_time_ratio_with_prefill`).
     Goal: adaptive_time_ratio <= mean_recur_ratio + 0.15 (compute follows exits; the rest is per-token overhead that
-    does not shrink with r: prelude, coda, sampling).
+    does not shrink with r: prelude, coda, sampling). `flop_floor_ratio`: the time ratio if time followed FLOPs.
 (b) A trace of 64 requests with Poisson arrivals (mean gap = a request's time alone / 8, measured first, so the
     offered load is the same on any machine), budgets r in 1..8, prompt lengths and max_tokens mixed, replayed in
     real time against one ContinuousEngine and against a static batcher (the policy the serve layer used before: a
@@ -96,12 +96,16 @@ def batch_exit(model: GPT, tok: IdsOnly, batch: int, r_max: int, new_tokens: int
         times["fixed"].append(run(None))
     recurs, deepest = spent[True]
     mean_r = sum(recurs) / len(recurs)
+    f0, f1 = model.flops_per_token(0, training=False), model.flops_per_token(1, training=False)  # linear in r
     decode = {k: [d for _, d in v] for k, v in times.items()}
     total = {k: [t for t, _ in v] for k, v in times.items()}
     return {"batch": batch, "r_max": r_max, "new_tokens": new_tokens, "exit": str(rule), "n_embd": model.config.n_embd,
             "mean_recur": mean_r, "mean_recur_ratio": mean_r / r_max,
             # a step lasts as long as its deepest row: the floor of the time ratio when launches, not FLOPs, dominate
             "step_deepest_ratio": sum(deepest) / len(deepest) / r_max,
+            # FLOPs per token at the mean used r / at r_max: the time ratio if time followed FLOPs (prelude, coda and
+            # head run whatever the exit)
+            "flop_floor_ratio": (f0 + mean_r * (f1 - f0)) / (f0 + r_max * (f1 - f0)),
             # decode steps only: the tokens whose recurrences `mean_recur` counts
             "adaptive_time_ratio": median_ratio(decode["adaptive"], decode["fixed"]),
             # with the admission step (prompts at the full budget in both runs)
