@@ -190,8 +190,9 @@ class BatchKV:
         per_row = isinstance(layer, torch.Tensor)
         base = (layer[:, None] if per_row else layer) * pool.num_blocks  # the layer's first row in the flat storage
         kf, vf = pool.k_flat, pool.v_flat
-        kf.index_put_((self._blk + base, self._off), k.transpose(1, 2).to(kf.dtype))
-        vf.index_put_((self._blk + base, self._off), v.transpose(1, 2).to(vf.dtype))
+        at = (self._blk + base, self._off)  # (B, T) flat row and offset of each new token
+        kf.index_put_(at, k.transpose(1, 2).to(kf.dtype))
+        vf.index_put_(at, v.transpose(1, 2).to(vf.dtype))
         if self.span is not None and not per_row:
             lo = base + self.span[0]
             keys, values = kf[lo: lo + self.span[1]][None], vf[lo: lo + self.span[1]][None]  # views, no copy

@@ -294,15 +294,19 @@ class GPT(nn.Module):
             s = self._recur_step(s, e, cos, sin)
             yield r, s, self.head(self._coda(s, cos, sin))
 
-    def _prelude(self, idx: torch.Tensor):
-        """Embedding + prelude of a full forward: (e (B, T, D), cos, sin)."""
-        T = idx.size(1)
-        if T > self.config.sequence_len:
-            raise ValueError(f"sequence of {T} tokens exceeds sequence_len={self.config.sequence_len}")
-        cos, sin = self.cos[:, :T], self.sin[:, :T]
+    def _prelude(self, idx: torch.Tensor, kv: BatchKV | None = None):
+        """Embedding + prelude of idx (B, T): (e (B, T, D), cos, sin). A full forward (positions 0..T-1), or with `kv`
+        a cached one at the positions kv holds."""
+        if kv is None:
+            T = idx.size(1)
+            if T > self.config.sequence_len:
+                raise ValueError(f"sequence of {T} tokens exceeds sequence_len={self.config.sequence_len}")
+            cos, sin = self.cos[:, :T], self.sin[:, :T]
+        else:
+            cos, sin = self._rotary_at(kv)
         x = norm(self.wte(idx))
-        for block in self.prelude:
-            x = block(x, cos, sin)
+        for j, block in enumerate(self.prelude):
+            x = block(x, cos, sin, None if kv is None else LayerKV(kv, kv.pool.prelude_layer(j)))
         return x, cos, sin
 
     def gate_prob(self, s: torch.Tensor) -> torch.Tensor:
@@ -419,26 +423,18 @@ class GPT(nn.Module):
         is one straight-line function (`fixed_token`), which compile_decode() turns into one graph.
         Returns (logits (B, V), final state (B, D)).
         """
-        B = idx.size(0)
+        self._check_positions(kv)
         s0 = None
         if self.config.state_init == "noise":  # drawn here, outside the graph: each row's own generator
-            s0 = self.initial_state(torch.empty(B, 1, self.config.n_embd, dtype=self.wte.weight.dtype,
+            s0 = self.initial_state(torch.empty(idx.size(0), 1, self.config.n_embd, dtype=self.wte.weight.dtype,
                                                 device=idx.device), generators)
-        if init_state is not None:
-            warm = torch.ones(B, dtype=torch.bool, device=idx.device) if warm is None else warm
         return self._fixed_token(idx, kv, num_recur, s0, init_state, warm)
 
     def fixed_token(self, idx, kv: BatchKV, num_recur: int, s0=None, init_state=None, warm=None):
         """decode_fixed's token: prelude, `num_recur` recurrences, the cache fill above them, coda, head."""
-        B = idx.size(0)
         pool = kv.pool
-        cos, sin = self._rotary_at(kv)
-        x = norm(self.wte(idx))
-        for j, block in enumerate(self.prelude):
-            x = block(x, cos, sin, LayerKV(kv, pool.prelude_layer(j)))
-        s = self.initial_state(x) if s0 is None else s0
-        if init_state is not None:
-            s = torch.where(warm[:, None, None], init_state.view(B, 1, -1).to(x.dtype), s)
+        x, cos, sin = self._prelude(idx, kv)
+        s = self._warm_start(self.initial_state(x) if s0 is None else s0, init_state, warm)
         for i in range(num_recur):
             slot = pool.slot_for_iter(i)
             s = self.recur_step(s, x, cos, sin, [LayerKV(kv, pool.recur_layer(j, slot))
@@ -463,25 +459,17 @@ class GPT(nn.Module):
 
         Returns the rows' Flight: tokens that have run no recurrence yet.
         """
-        cfg, pool = self.config, kv.pool
+        cfg = self.config
         B, T = idx.shape
         dev = idx.device
-        if int(kv.positions.max()) >= cfg.sequence_len:
-            raise ValueError(f"position {int(kv.positions.max())} exceeds sequence_len={cfg.sequence_len}")
-        cos, sin = self._rotary_at(kv)
-        x = norm(self.wte(idx))
-        for j, block in enumerate(self.prelude):
-            x = block(x, cos, sin, LayerKV(kv, pool.prelude_layer(j)))
+        self._check_positions(kv)
+        x, _, _ = self._prelude(idx, kv)
         done = torch.zeros(B, dtype=torch.long, device=dev)
         if not cfg.is_recursive:
             return Flight(x, x, done.clone(), done, [None] * B)
         budgets = torch.tensor([s.num_recur for s in settings], dtype=torch.long, device=dev)
         exits = [None] * B if prompt or T > 1 else [s.exit for s in settings]  # prompts run the full budget
-        s = self.initial_state(x, generators)
-        if init_state is not None:
-            warm = torch.ones(B, dtype=torch.bool, device=dev) if warm is None else warm
-            s = torch.where(warm[:, None, None], init_state.view(B, 1, -1).to(x.dtype), s)
-        return Flight(x, s, budgets, done, exits)
+        return Flight(x, self._warm_start(self.initial_state(x, generators), init_state, warm), budgets, done, exits)
 
     @torch.no_grad()
     def recur_rows(self, flight: Flight, kv: BatchKV, max_steps: int | None = None) -> None:
@@ -508,8 +496,6 @@ class GPT(nn.Module):
         else:
             s, e, c, sn, kv_a = f.s[rows], f.e[rows], cos[rows], sin[rows], kv.rows(rows)
         it, budget = f.done[rows], f.budgets[rows]
-        lo, hi = (int(it.min()), int(it.max())) if rows.numel() else (0, 0)
-        same = lo if lo == hi else None  # the common case: every row at one recurrence, one cache slot (an int)
 
         def write_back(local: torch.Tensor | None) -> None:  # rows[local] (None: all of them) leave the compact set
             idx, st, n = (rows, s, it) if local is None else (rows[local], s[local], it[local])
@@ -519,7 +505,7 @@ class GPT(nn.Module):
         for _ in range(steps):
             if rows.numel() == 0:
                 break
-            slot = pool.slot_for_iter(same) if same is not None else pool.slots_for_iters(it)
+            slot = pool.slots_for_iters(it)  # an int when every row runs the same recurrence (the common case)
             s_out = self.recur_step(s, e, c, sn, [LayerKV(kv_a, pool.recur_layer(j, slot))
                                                   for j in range(self.config.n_recur)])
             finished = it + 1 >= budget
@@ -531,7 +517,6 @@ class GPT(nn.Module):
                 f.exited[rows] |= exited
                 finished |= exited
             s, it = s_out, it + 1
-            same = None if same is None else same + 1
             if bool(finished.any()):
                 write_back(finished.nonzero().squeeze(1))
                 keep = (~finished).nonzero().squeeze(1)
@@ -557,6 +542,19 @@ class GPT(nn.Module):
         last = (lengths - 1).clamp_min(0)
         rows = torch.arange(B, device=x.device)
         return self.head(y[rows, last]), x[rows, last]  # the head only where a token is sampled
+
+    def _check_positions(self, kv: BatchKV) -> None:
+        if int(kv.positions.max()) >= self.config.sequence_len:
+            raise ValueError(f"position {int(kv.positions.max())} exceeds sequence_len={self.config.sequence_len}")
+
+    @staticmethod
+    def _warm_start(s: torch.Tensor, init_state: torch.Tensor | None, warm: torch.Tensor | None) -> torch.Tensor:
+        """s0 (B, T, D) with the rows of mask `warm` (default: all) starting from init_state (B, D) instead."""
+        if init_state is None:
+            return s
+        B = s.size(0)
+        warm = torch.ones(B, dtype=torch.bool, device=s.device) if warm is None else warm
+        return torch.where(warm[:, None, None], init_state.view(B, 1, -1).to(s.dtype), s)
 
     def _rotary_at(self, kv: BatchKV):
         positions = kv.positions
