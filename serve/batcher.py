@@ -408,15 +408,16 @@ class ReplicaBatcher:
 
     @staticmethod
     def _release(job: _Job, final: bool) -> list[Any]:
-        """The StreamChunk of tokens whose text can no longer turn into a stop string (all of them when `final`)."""
-        upto = len(job.tokens)
+        """The StreamChunk of tokens whose text is final: it can no longer turn into a stop string, and the last token
+        waits while it ends inside a character (at the end, the U+FFFD of an unfinished character is its text)."""
+        upto = len(job.tokens) - (not final and job.decoder.pending)
         if not final and job.req.stop:
             _, hold = find_stop("".join(job.pieces), job.req.stop, len("".join(job.pieces)))
             end = 0
             for i, piece in enumerate(job.pieces):
                 end += len(piece)
                 if end > job.text_len - hold:
-                    upto = i
+                    upto = min(upto, i)
                     break
         if upto <= job.emitted:
             return []
@@ -425,12 +426,11 @@ class ReplicaBatcher:
         return [StreamChunk(job.tokens[sl], job.recurs[sl], job.pieces[sl])]
 
     def _finish(self, job: _Job, reason: str) -> list[Any]:
+        tail = job.decoder.flush()  # bytes of an unfinished character at the very end: U+FFFD, the last token's text
+        if tail and not job.cut and job.pieces:
+            job.pieces[-1] += tail
+            job.text_len += len(tail)
         msgs: list[Any] = self._release(job, final=True) if job.streaming else []
-        tail = job.decoder.flush()  # bytes of an unfinished character at the very end: U+FFFD
-        if tail and not job.cut:
-            job.pieces.append(tail)
-            if job.streaming:
-                msgs.append(StreamChunk([], [], [tail]))
         text = "".join(job.pieces)
         first = job.first_token_s or 0.0
         done = Completion(
@@ -491,8 +491,6 @@ def _merge(events: list[StreamChunk | Completion | _Failed]) -> tuple[StreamChun
             raise ev.exc
         if isinstance(ev, Completion):
             end = ev
-        elif not ev.tokens and chunk.pieces:
-            chunk.pieces[-1] += ev.text  # a trailing partial character belongs to the last token
         else:
             chunk.tokens += ev.tokens
             chunk.recurs += ev.recurs

@@ -76,5 +76,10 @@ class TokenDecoder:
     def piece(self, token: int) -> str:
         return self._utf8.decode(self._tokenizer.id_to_token(token))
 
+    @property
+    def pending(self) -> bool:
+        """Whether the last token ended inside a character (its bytes wait for the next token)."""
+        return bool(self._utf8.getstate()[0])
+
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)

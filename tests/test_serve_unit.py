@@ -331,11 +331,12 @@ def test_token_decoder_holds_back_split_characters(engine: Engine) -> None:
 class _SteppedEngine:
     """A real ContinuousEngine that records every step's events; while `gated`, each step waits for `allow()`."""
 
-    def __init__(self, engine: ContinuousEngine, gated: bool = False):
+    def __init__(self, engine: ContinuousEngine, gated: bool = False, script: list[int] | None = None):
         self._engine = engine
         self._permits = threading.Semaphore(0)
         self.gated = gated
         self.steps: list[list[StepEvent]] = []
+        self.script = script  # token ids reported in place of the sampled ones, one per step (a single row)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._engine, name)
@@ -352,14 +353,20 @@ class _SteppedEngine:
         if self.gated:
             self._permits.acquire()
         events = self._engine.step()
+        if self.script is not None:
+            for ev in events:
+                if ev.step is not None:
+                    ev.step.token = self.script[len(self.steps)]
         self.steps.append(events)
         return events
 
 
-def _batcher(eng: Engine, tier: TierConfig, gated: bool = False, **kw: object) -> tuple[ReplicaBatcher, _SteppedEngine]:
+def _batcher(
+    eng: Engine, tier: TierConfig, gated: bool = False, script: list[int] | None = None, **kw: object
+) -> tuple[ReplicaBatcher, _SteppedEngine]:
     """A replica's batcher over a real engine built from `tier`, as serve.app.TierModel builds it."""
     core = ContinuousEngine(eng.model, eng.tokenizer, **tier.engine_options(eng.config.sequence_len))
-    stepped = _SteppedEngine(core, gated)
+    stepped = _SteppedEngine(core, gated, script)
     return ReplicaBatcher(stepped, retry_after_s=tier.retry_after_s, **kw), stepped  # type: ignore[arg-type]
 
 
@@ -448,6 +455,23 @@ def _stream_all(batcher: ReplicaBatcher, reqs: list[GenerationRequest]) -> list[
     return asyncio.run(run())
 
 
+def test_a_streamed_token_ending_inside_a_character_waits_for_its_text(engine: Engine) -> None:
+    """Each chunk carries one text piece per token. A token whose bytes end inside a character is held back until
+    the next token completes it, or, at the end, until its text is known to be U+FFFD; it is never sent as a token
+    with an empty piece followed by a chunk of text with no token."""
+    tok = engine.tokenizer
+    byte_id = {tok.id_to_token(i): i for i in range(tok.vocab_size)}
+    word, lead, tail = byte_id[b"o"], byte_id[b"\xc3"], byte_id[b"\xa9"]  # b"\xc3\xa9" is "\u00e9"
+    for script, text in (([word, lead, tail, word, lead], "o\u00e9o\ufffd"), ([lead], "\ufffd")):
+        batcher, _ = _batcher(engine, WIDE, script=script)
+        *chunks, end = _stream_all(batcher, [_req(engine, "hi", len(script), r=1)])[0]
+        assert isinstance(end, Completion) and end.text == text and end.completion_tokens == len(script)
+        assert all(isinstance(c, StreamChunk) and len(c.tokens) == len(c.pieces) == len(c.recurs) for c in chunks)
+        pieces = [p for c in chunks for p in c.pieces]  # type: ignore[union-attr]
+        assert "".join(pieces) == text and len(pieces) == len(script)
+        assert pieces[-1].endswith("\ufffd")
+
+
 def test_open_streams_share_the_replicas_chunk_budget(engine: Engine) -> None:
     """stream_chunks_per_s is shared by the open streams: four streams on a budget of 0.1 chunks/s may send a chunk
     every 40 s each, so each gets its first token at once and the rest merged into one chunk when it ends (the end
@@ -526,8 +550,10 @@ def test_a_cancelled_stream_frees_its_row_at_the_next_step(engine: Engine) -> No
     async def run() -> None:
         gen = batcher.stream(_req(engine, "hi", 40))
         first = asyncio.ensure_future(gen.__anext__())
-        core.allow()  # the prefill step: the first token
-        assert isinstance(await first, StreamChunk)
+        core.allow()  # the prefill step: the first token (one that ends inside a character waits for the next)
+        while not (await asyncio.wait([first], timeout=0.5))[0]:
+            core.allow()
+        assert isinstance(first.result(), StreamChunk)
         await wait_steps(1)  # the snapshot is published right after the step's tokens went out
         assert batcher.stats().running == 1 and batcher.stats().kv_blocks_used > 0
         await gen.aclose()  # the client went away
