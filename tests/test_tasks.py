@@ -48,6 +48,7 @@ from recursive_model.tasks.reasoning import (
     POINTER_STATEMENTS,
     PROMPT_MAX_BYTES,
     TRAIN_DIFFICULTY,
+    WALK_MOVES,
     is_held_out,
 )
 from recursive_model.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -246,6 +247,31 @@ def test_reasoning_pointer_answers_difficulty_and_shape(order):
         assert hops == set(range(lo, hi + 1)), split
 
 
+def test_reasoning_walk_answers_difficulty_and_shape():
+    moves = {name: dict(enumerate(image)) for name, image in WALK_MOVES.items()}
+    assert all(sorted(m.values()) == list(range(10)) for m in moves.values())  # each move is a permutation
+    # Order matters: some pair of moves does not commute, so a walk can only be solved by composing in order.
+    assert any(moves[a][moves[b][d]] != moves[b][moves[a][d]] for a in moves for b in moves for d in range(10))
+    for split, (lo, hi) in [("train", TRAIN_DIFFICULTY), ("eval", (2, 4)), ("hard", HARD_DIFFICULTY)]:
+        task = Reasoning("walk", split, size=400)
+        hops, answers = set(), set()
+        for i, conversation in enumerate(task):
+            prompt, answer = (m["content"] for m in conversation["messages"])
+            start, *letters = prompt.removesuffix("?").split(";")
+            digit = int(start)
+            for letter in letters:  # recomputed by hand from the table
+                digit = moves[letter][digit]
+            assert str(digit) == answer
+            assert task.problem(i)[2] == len(letters)
+            assert len(prompt) == 2 * len(letters) + 2  # start digit, ';' + letter per move, '?'
+            hops.add(len(letters))
+            answers.add(answer)
+        # No one-move walk is held out (it is a table entry only training shows): eval walks have 2-4 moves.
+        assert hops == set(range(lo, hi + 1)), split
+        assert answers == set("0123456789"), split  # every digit answers: hard tests depth, not unseen outputs
+    assert not is_held_out("3;c?")
+
+
 def test_reasoning_sum_answers():
     for split in ("train", "eval", "hard"):
         for conversation in Reasoning("sum", split, size=100):
@@ -254,7 +280,7 @@ def test_reasoning_sum_answers():
 
 
 def test_reasoning_held_out_sets_are_fixed_and_disjoint_from_training():
-    for kind in ("pointer", "chain", "sum"):
+    for kind in ("pointer", "chain", "sum", "walk"):
         train = {c["messages"][0]["content"] for c in Reasoning(kind, "train", size=3000)}
         train |= {c["messages"][0]["content"] for c in Reasoning(kind, "train", size=3000, seed=1)}
         for split in ("eval", "hard"):
@@ -270,7 +296,7 @@ def test_reasoning_held_out_sets_are_fixed_and_disjoint_from_training():
 
 def test_reasoning_prompts_stay_short(tokenizer):
     hardest = [Reasoning("chain", "hard", difficulty=8, size=200), Reasoning("sum", "hard", difficulty=16, size=200),
-               Reasoning("pointer", "hard", difficulty=9, size=200)]
+               Reasoning("pointer", "hard", difficulty=9, size=200), Reasoning("walk", "hard", difficulty=16, size=200)]
     for task in hardest:
         for conversation in task:
             assert len(conversation["messages"][0]["content"].encode()) <= PROMPT_MAX_BYTES
@@ -296,6 +322,8 @@ def test_reasoning_rejects_bad_config():
         ({"kind": "chain", "difficulty": 9}, "difficulty"),
         ({"difficulty": (3, 2)}, "difficulty"),
         ({"kind": "sum", "order": "shuffled"}, "order"),
+        ({"kind": "walk", "order": "shuffled"}, "order"),
+        ({"kind": "walk", "difficulty": 17}, "difficulty"),
         ({"size": 0}, "size"),
     ]:
         with pytest.raises(ValueError, match=field):

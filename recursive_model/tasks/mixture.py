@@ -130,8 +130,12 @@ MIXTURE_PRESETS: dict[str, list[dict[str, Any]]] = {
         {"source": "reasoning", "count": 3000, "kwargs": {"kind": "pointer", "size": 3000, "seed": 1}},
         {"source": "reasoning", "count": 1000, "kwargs": {"kind": "sum", "size": 1000, "seed": 1}},
     ],
-    # Pointer chasing only (1-4 hops): the data of the depth recipe and of benchmarks/depth_pays.py.
+    # State tracking only (walks of 1-4 moves): the data of the depth recipe and of benchmarks/depth_pays.py.
     "depth": [
+        {"source": "reasoning", "count": 20_000, "kwargs": {"kind": "walk", "size": 20_000, "seed": 2}},
+    ],
+    # Pointer chasing only (1-4 hops): the earlier depth task (`benchmarks/depth_pays.py --kind pointer`).
+    "depth-pointer": [
         {"source": "reasoning", "count": 20_000, "kwargs": {"kind": "pointer", "size": 20_000, "seed": 2}},
     ],
     "mid-real": [

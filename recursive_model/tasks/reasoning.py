@@ -3,16 +3,22 @@
   pointer, difficulty 2: user "q=c;c=4;t=8;x=t;d=q;...;d?"  assistant "4"    (d -> q -> c -> 4)
   chain,   difficulty 3: user "k=7;d=k+5;w=d-3;z=w+2;z?"    assistant "11"
   sum,     difficulty 3: user "3+5+2+7=?"                   assistant "17"
+  walk,    difficulty 3: user "7;c;a;d?"                    assistant "2"     (7 -c-> 4 -a-> 9 -d-> 2)
 
 Difficulty is the number of hops (pointer: copies to follow; chain: derived assignments; sum: additions).
 `pointer` is the depth task: every prompt holds POINTER_STATEMENTS statements in three disjoint chains (the asked
 one and two distractors), each ending in a distinct digit, so one hop is one lookup, answers are always 0-9 at every
 difficulty (the hard split tests depth, not unseen outputs) and the length does not grow with difficulty. Once the
 pointer reaches the digit, further hops keep it there: the answer is a fixed point of the recurrence.
+`walk` is state tracking: a digit is moved by each letter in turn, each letter a fixed permutation of the ten
+digits (WALK_MOVES, learned from the data). The moves do not commute, so the answer can only be had by composing
+them in order: a fixed-depth network composes about one move per layer, while a recurrent block that applies one
+move per recurrence (each move's position reads the digit reached at the previous move's) solves longer walks with
+more recurrences. A hop is one move; answers are uniform over 0-9 at every difficulty.
 The answer is one short number and there is no chain of thought, so the work has to happen in depth, i.e. in the
 recurrences. Splits:
   train  difficulty 1-4, any seed, any size;
-  eval   difficulty 1-4, a fixed held-out set (EVAL_SIZE problems, seed fixed);
+  eval   difficulty 1-4, a fixed held-out set (EVAL_SIZE problems, seed fixed; walk: 2-4, see is_held_out);
   hard   difficulty 5-8, a fixed held-out set beyond the training difficulty, to test whether more test-time
          recurrences extrapolate.
 Held-out problems are disjoint from training problems by construction, not only by seed: a problem belongs to the
@@ -24,6 +30,7 @@ byte-level BPE tokenizer (a token covers at least one byte).
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 from recursive_model.tasks.base import (
@@ -37,20 +44,28 @@ from recursive_model.tasks.base import (
     strip_special,
 )
 
-KINDS = ("pointer", "chain", "sum")
+KINDS = ("pointer", "chain", "sum", "walk")
 ORDERS = ("forward", "shuffled")
 REASONING_SPLITS = ("train", "eval", "hard")
 TRAIN_DIFFICULTY = (1, 4)
 HARD_DIFFICULTY = (5, 8)
 POINTER_STATEMENTS = 12  # statements per pointer prompt: 12 * 4 bytes + the query stay under PROMPT_MAX_BYTES
 # pointer: two distractor chains need >= 2 statements; chain: ~6 bytes per hop, 8 hops stay under PROMPT_MAX_BYTES
-MAX_DIFFICULTY = {"pointer": POINTER_STATEMENTS - 3, "chain": 8, "sum": 16}
+MAX_DIFFICULTY = {"pointer": POINTER_STATEMENTS - 3, "chain": 8, "sum": 16, "walk": 16}
 EVAL_SIZE = 500  # size of the fixed eval and hard sets
 TRAIN_SIZE = 10_000  # default train size; any size works, examples are generated on demand
 HELDOUT_MOD = 10  # 1 in 10 problems is held out
 PROMPT_MAX_BYTES = 58  # + <|bos|><|user_start|><|user_end|><|assistant_start|> stays < 64 tokens
 _MAX_TRIES = 10_000
 _VARS = "abcdefghijklmnopqrstuvwxyz"
+_WALK_ONE_MOVE = re.compile(r"\d;[a-z]\?")
+# walk: four fixed permutations of the digits (the image of digit i is move[i]); together they are not commutative.
+WALK_MOVES = {
+    "a": (3, 8, 0, 6, 1, 9, 4, 2, 7, 5),
+    "b": (1, 2, 3, 4, 5, 6, 7, 8, 9, 0),
+    "c": (9, 4, 7, 1, 0, 2, 8, 5, 3, 6),
+    "d": (5, 0, 9, 3, 7, 8, 2, 6, 4, 1),
+}
 
 
 def _chain(rng: random.Random, hops: int, order: str) -> tuple[str, str]:
@@ -102,8 +117,24 @@ def _sum(rng: random.Random, additions: int) -> tuple[str, str]:
     return "+".join(map(str, operands)) + "=?", str(sum(operands))
 
 
+def _walk(rng: random.Random, moves: int) -> tuple[str, str]:
+    """State tracking: the start digit moved by each letter in turn (separated by ';' so each is its own token)."""
+    digit = rng.randint(0, 9)
+    letters = [rng.choice(tuple(WALK_MOVES)) for _ in range(moves)]
+    prompt = ";".join([str(digit), *letters]) + "?"
+    for letter in letters:
+        digit = WALK_MOVES[letter][digit]
+    return prompt, str(digit)
+
+
 def is_held_out(prompt: str) -> bool:
-    """True if a problem belongs to the held-out (eval/hard) side of the problem space."""
+    """True if a problem belongs to the held-out (eval/hard) side of the problem space.
+
+    A one-move walk is never held out: it is one entry of the move table, which only training can show (a held-out
+    entry could not be inferred from anything), so the walks of the eval split have 2-4 moves.
+    """
+    if _WALK_ONE_MOVE.fullmatch(prompt):
+        return False
     return stable_hash(prompt) % HELDOUT_MOD == 0
 
 
@@ -124,7 +155,7 @@ class Reasoning(Task):
         check_choice("Reasoning.kind", kind, KINDS)
         check_choice("Reasoning.split", split, REASONING_SPLITS)
         check_choice("Reasoning.order", order, ORDERS)
-        if order == "shuffled" and kind == "sum":
+        if order == "shuffled" and kind in ("sum", "walk"):
             raise ValueError(f"Reasoning.order='shuffled' needs kind='pointer' or 'chain', got kind={kind!r}")
         if split != "train" and seed != 0:
             # Held-out sets are fixed so every run scores on the same problems.
@@ -164,6 +195,8 @@ class Reasoning(Task):
                 prompt, answer = _pointer(rng, hops, self.order)
             elif self.kind == "chain":
                 prompt, answer = _chain(rng, hops, self.order)
+            elif self.kind == "walk":
+                prompt, answer = _walk(rng, hops)
             else:
                 prompt, answer = _sum(rng, hops)
             if is_held_out(prompt) == want_held_out:
