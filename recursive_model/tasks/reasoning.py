@@ -66,6 +66,7 @@ WALK_MOVES = {
     "c": (9, 4, 7, 1, 0, 2, 8, 5, 3, 6),
     "d": (5, 0, 9, 3, 7, 8, 2, 6, 4, 1),
 }
+_WALK_LETTERS = tuple(WALK_MOVES)
 
 
 def _chain(rng: random.Random, hops: int, order: str) -> tuple[str, str]:
@@ -120,7 +121,7 @@ def _sum(rng: random.Random, additions: int) -> tuple[str, str]:
 def _walk(rng: random.Random, moves: int) -> tuple[str, str]:
     """State tracking: the start digit moved by each letter in turn (separated by ';' so each is its own token)."""
     digit = rng.randint(0, 9)
-    letters = [rng.choice(tuple(WALK_MOVES)) for _ in range(moves)]
+    letters = [rng.choice(_WALK_LETTERS) for _ in range(moves)]
     prompt = ";".join([str(digit), *letters]) + "?"
     for letter in letters:
         digit = WALK_MOVES[letter][digit]
