@@ -193,7 +193,8 @@ def hf_tokenizer_config(tokenizer: Tokenizer, max_length: int) -> dict:
 
 # -------------------------------------------------------------------------------------------------------- model
 def hf_model_config(config: GPTConfig, tokenizer: Tokenizer, dtype: str) -> dict:
-    """config.json: the architecture, (P, R, C), inject_mode, state_init, softcap and the default num_recur."""
+    """config.json: the architecture, (P, R, C), inject_mode, state_init, softcap, the attention window and the default
+    num_recur."""
     if config.state_init not in EXPORTABLE_STATE_INITS:
         raise ValueError(
             f"GPTConfig.state_init={config.state_init!r} cannot be exported; allowed {EXPORTABLE_STATE_INITS}: "
@@ -223,6 +224,8 @@ def hf_model_config(config: GPTConfig, tokenizer: Tokenizer, dtype: str) -> dict
         "inject_mode": config.inject_mode,
         "state_init": config.state_init,
         "softcap": config.softcap,
+        "sliding_window": config.attn_window,
+        "coda_window": config.windows[2],
         "rope_theta": ROPE_THETA,
         "tie_word_embeddings": False,
         "torch_dtype": dtype,

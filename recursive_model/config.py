@@ -41,6 +41,15 @@ class GPTConfig:
     n_recur: int = 4  # R: layers of the recurrent block (0 = plain GPT)
     n_coda: int = 2  # C: layers applied once after the recurrence
     softcap: float = 15.0  # logit soft-cap (nanochat); 0 disables
+    # Causal attention window of the prelude and recurrent layers, in tokens (a query sees itself and the window-1
+    # tokens before it); 0 = the whole context. A local window bounds how far information travels per layer, so
+    # reaching further back takes more recurrences: a recurrent block trained on short problems then solves longer
+    # ones by recurring longer (walk task: 94 % on 5-8 moves at r=16 after training on 1-4, 10 % at r=2; with full
+    # attention nothing extrapolated; docs/LOG.md 2026-12-03).
+    attn_window: int = 0
+    # The coda's window (it reads the answer out of the final states, which may sit further back than one layer's
+    # reach); None = attn_window, 0 = the whole context.
+    coda_window: int | None = None
     inject_mode: str = "concat_linear"  # how the prelude output e enters each recurrence: concat_linear | add
     state_init: str = "embed"  # initial state s0: embed (s0 = e) | zeros | noise (truncated normal, var 2/5)
     # A learned per-token exit gate (Linear(D -> 1) on the state after each recurrence), trained beside the LM loss
@@ -69,6 +78,13 @@ class GPTConfig:
         if self.n_kv_head > self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"GPTConfig.n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
         _check_range("softcap", self.softcap, lo=0)
+        for name in ("attn_window", "coda_window"):
+            value = getattr(self, name)
+            if value is None and name == "coda_window":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"GPTConfig.{name}={value!r} must be an int (tokens; 0 = whole context)")
+            _check_range(name, value, lo=0)
         if self.inject_mode not in INJECT_MODES:
             raise ValueError(f"GPTConfig.inject_mode={self.inject_mode!r}; allowed {INJECT_MODES}")
         if self.state_init not in STATE_INITS:
@@ -87,6 +103,12 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def windows(self) -> tuple[int, int, int]:
+        """Attention window (tokens, 0 = whole context) of the prelude, recurrent and coda layers."""
+        coda = self.attn_window if self.coda_window is None else self.coda_window
+        return self.attn_window, self.attn_window, coda
 
     @property
     def is_recursive(self) -> bool:

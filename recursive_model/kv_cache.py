@@ -32,6 +32,13 @@ from .config import GPTConfig
 from .recurrence import parse_kv_cache
 
 
+def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Which keys each query sees: causal, and within `window` tokens (0 = no limit). Broadcasts query_pos (..., T, 1)
+    against key_pos (..., L)."""
+    visible = key_pos <= query_pos
+    return visible & (key_pos > query_pos - window) if window else visible
+
+
 class PoolFull(RuntimeError):
     """The pool has too few free blocks for the request; retry once running sequences finish."""
 
@@ -58,6 +65,7 @@ class KVPool:
         self.n_slots = max(1, r) if kind == "exact" else int(k)
         self.kind = kind
         self.n_prelude, self.n_recur, self.n_coda = config.n_prelude, config.n_recur, config.n_coda
+        self.windows = sorted({w for w in config.windows if w})  # the layers' attention windows: masks of their own
         self.n_layers = self.n_prelude + self.n_recur * self.n_slots + self.n_coda
         self.block_size, self.num_blocks = block_size, num_blocks
         # token-major blocks: a run of consecutive blocks is one contiguous (tokens, H, Dh) slab, read without a copy
@@ -153,7 +161,9 @@ class BatchKV:
         self._off = positions % bs  # (B, T) offset inside it
         L = table.size(1) * bs
         keys = torch.arange(L, device=positions.device)
-        self.mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, L): causal, per row
+        q, k = positions[:, :, None], keys[None, None, :]
+        self.mask = window_mask(q, k, 0)[:, None]  # (B, 1, T, L): causal, per row
+        self.masks = {w: window_mask(q, k, w)[:, None] for w in pool.windows}  # the same within each layer's window
         self.span: tuple[int, int] | None = None  # (first block, count) when one row's blocks are consecutive
 
     @classmethod
@@ -177,6 +187,7 @@ class BatchKV:
         sub = object.__new__(BatchKV)
         sub.pool, sub.table, sub.positions = self.pool, self.table[idx], self.positions[idx]
         sub._blk, sub._off, sub.mask = self._blk[idx], self._off[idx], self.mask[idx]
+        sub.masks = {w: m[idx] for w, m in self.masks.items()}
         sub.span = self.span if self.table.size(0) == 1 and idx.numel() == 1 else None
         return sub
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-from .kv_cache import BatchKV, KVCache
+from .kv_cache import BatchKV, KVCache, window_mask
 from .recurrence import EXIT_CRITERIA, DecodeSettings, ExitRule
 
 
@@ -43,8 +43,9 @@ class LayerKV:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, window: int = 0):
         super().__init__()
+        self.window = window  # tokens a query sees (itself included); 0 = the whole context
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         d = config.n_embd
         self.c_q = nn.Linear(d, self.n_head * self.head_dim, bias=False)
@@ -60,11 +61,16 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, Dh)
         gqa = self.n_kv_head != self.n_head
-        if kv is None:
+        if kv is None and self.window:
+            pos = torch.arange(T, device=x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(pos[:, None], pos, self.window),
+                                               enable_gqa=gqa)
+        elif kv is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             k, v = kv.view.update(kv.layer, k, v)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=kv.view.mask,
+            mask = kv.view.masks[self.window] if self.window else kv.view.mask
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                                enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
 
@@ -80,9 +86,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, window: int = 0):
         super().__init__()
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, window)
         self.mlp = MLP(config)
 
         self.decode_step = None  # set by GPT.compile_decode(): this block's compiled one-token cached forward
@@ -105,9 +111,10 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.prelude = nn.ModuleList([Block(config) for _ in range(config.n_prelude)])
-        self.recur = nn.ModuleList([Block(config) for _ in range(config.n_recur)])
-        self.coda = nn.ModuleList([Block(config) for _ in range(config.n_coda)])
+        w_prelude, w_recur, w_coda = config.windows
+        self.prelude = nn.ModuleList([Block(config, w_prelude) for _ in range(config.n_prelude)])
+        self.recur = nn.ModuleList([Block(config, w_recur) for _ in range(config.n_recur)])
+        self.coda = nn.ModuleList([Block(config, w_coda) for _ in range(config.n_coda)])
         use_adapter = config.is_recursive and config.inject_mode == "concat_linear"
         self.adapter = nn.Linear(2 * config.n_embd, config.n_embd, bias=False) if use_adapter else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)

@@ -65,6 +65,12 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [20], [30, 3
 RULES = [None, ExitRule(criterion="latent", threshold=0.05), ExitRule(criterion="kl", threshold=1e-3, min_recur=2)]
 
 
+def mixed_requests(strategy: str, warm: bool) -> list[tuple[list[int], SamplingParams, DecodeSettings]]:
+    """PROMPTS with different budgets and exit rules (none, latent, kl)."""
+    return [(p, GREEDY, DecodeSettings(num_recur=[8, 3, 6, 8, 5][i], kv_cache=strategy, exit=RULES[i % 3],
+                                       warm_start=warm)) for i, p in enumerate(PROMPTS)]
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("warm", [False, True])
 @pytest.mark.parametrize("min_step_recur", [None, 1, 3])
@@ -72,11 +78,7 @@ def test_rows_are_batch_invariant_for_every_strategy_exit_rule_and_join_time(mod
                                                                               min_step_recur):
     """Greedy: each row's tokens and per-token recurrences are identical alone and in any batch, joining mid-way too,
     and whether or not deeper rows' tokens are carried over several steps (min_step_recur)."""
-    requests = []
-    for i, p in enumerate(PROMPTS):
-        budget = [8, 3, 6, 8, 5][i]
-        requests.append((p, GREEDY, DecodeSettings(num_recur=budget, kv_cache=strategy, exit=RULES[i % 3],
-                                                   warm_start=warm)))
+    requests = mixed_requests(strategy, warm)
     alone = [run(engine_for(model, tokenizer, strategy), [r])[0] for r in requests]
     together = run(engine_for(model, tokenizer, strategy, min_step_recur=min_step_recur), requests)
     staggered = run(engine_for(model, tokenizer, strategy, min_step_recur=min_step_recur), requests,
@@ -87,6 +89,19 @@ def test_rows_are_batch_invariant_for_every_strategy_exit_rule_and_join_time(mod
     assert len(recurs) >= 3  # the mix really exercises different depths per token
     exited = [u for i, row in enumerate(alone) if RULES[i % 3] is not None for _, u in row[1:]]
     assert min(exited) < 8  # and the exit rules do fire
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_windowed_attention_rows_are_batch_invariant(tokenizer, strategy):
+    """A local attention window (GPTConfig.attn_window) is part of every row's cache mask: rows with different budgets
+    and exit rules give the same tokens and recurrences alone, together and joining mid-way."""
+    model = contractive_model(tokenizer.vocab_size, attn_window=3, coda_window=4)
+    requests = mixed_requests(strategy, warm=False)
+    alone = [run(engine_for(model, tokenizer, strategy), [r])[0] for r in requests]
+    assert run(engine_for(model, tokenizer, strategy), requests) == alone
+    assert run(engine_for(model, tokenizer, strategy, min_step_recur=1), requests, join_at={1: 2, 4: 6}) == alone
+    full = run(engine_for(contractive_model(tokenizer.vocab_size), tokenizer, strategy), requests)
+    assert full != alone  # the window changes what the rows attend to
 
 
 def test_compute_follows_exits_and_budgets(model, tokenizer):

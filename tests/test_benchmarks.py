@@ -243,7 +243,7 @@ def test_depth_pays_trains_three_variants_for_the_same_flops(outputs):
         assert list(res["iso"][split]["accuracy"]) == ["1"]  # a plain GPT has no r
         rules = res["recipe"][split]["adaptive_rules"]  # the learned gate and the engine's heuristics
         assert set(rules) == {"learned:0.5", "kl:0.0005", "latent:0.0005"} and "adaptive_rules" not in res["iso"][split]
-        assert res["recipe"][split]["adaptive"] == rules["learned:0.5"]  # the goals' rule
+        assert res["recipe"][split]["adaptive"] == rules["kl:0.0005"]  # the goals' rule: the recipe's decode exit
         for rule in rules.values():
             per_hop = rule["mean_recur_per_hop"]
             assert set(per_hop) <= {str(h) for h in hops} and all(1 <= r <= 16 for r in per_hop.values())
@@ -251,5 +251,5 @@ def test_depth_pays_trains_three_variants_for_the_same_flops(outputs):
         assert all(0 <= a <= 1 for a in res["recipe"][split]["accuracy"].values())
     assert set(out["checks"]) >= {"hard_r16_minus_iso_ge_15pt", "hop8_more_recurrences_than_hop2"}
     assert out["goal_met"] == all(out["checks"].values())
-    assert set(out["exit_rules"]) == set(rules)  # goal 3 per exit rule; the gate's is the one in `checks`
-    assert out["exit_rules"]["learned:0.5"]["checks"].items() <= out["checks"].items()
+    assert set(out["exit_rules"]) == set(rules)  # goal 3 per exit rule; the default's is the one in `checks`
+    assert out["exit_rules"]["kl:0.0005"]["checks"].items() <= out["checks"].items()

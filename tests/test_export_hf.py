@@ -39,9 +39,10 @@ TEXT = [
     "Ünïcödé ñ 日本語のテキスト текст 🙂 — naïve café",
     "def f(x):\n    return x ** 2  # square\n\n",
 ] * 20
-VARIANTS = {  # the two injections and the two deterministic initial states
+VARIANTS = {  # the two injections and the two deterministic initial states; a local attention window
     "concat_embed": dict(inject_mode="concat_linear", state_init="embed"),
     "add_zeros": dict(inject_mode="add", state_init="zeros"),
+    "window": dict(attn_window=3, coda_window=5),
 }
 RECURS = (1, 4, 8)
 MAX_NEW = 12

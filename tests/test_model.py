@@ -41,6 +41,9 @@ def randomized(cfg: GPTConfig, seed: int = 0, std: float = 0.2) -> GPT:
         (dict(decode=dict(exit="entropy:0.1")), r"ExitRule\.criterion='entropy'.*\['kl', 'latent', 'learned'\]"),
         (dict(decode=dict(num_recur=0)), r"DecodeSettings\.num_recur=0"),
         (dict(n_kv_head=3), "n_kv_head"),
+        (dict(attn_window=-1), r"attn_window=-1.*\[0, inf\]"),
+        (dict(attn_window=2.5), r"attn_window=2\.5 must be an int"),
+        (dict(coda_window=-2), r"coda_window=-2.*\[0, inf\]"),
     ],
 )
 def test_config_errors_name_the_field(overrides, field):
@@ -241,6 +244,34 @@ def test_exact_cache_decode_equals_full_forward(r):
         full = model(x, num_recur=r)
     cached = decode_logits(model, x, r, prefill=6, strategy="exact")
     torch.testing.assert_close(cached, full[:, 5:], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_windowed_attention_cache_decode_equals_full_forward(r):
+    model = randomized(GPTConfig.from_preset("tiny", recurrence=dict(r_max=8), attn_window=3, coda_window=5))
+    x = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        full = model(x, num_recur=r)
+    torch.testing.assert_close(decode_logits(model, x, r, prefill=6, strategy="exact"), full[:, 5:], rtol=0, atol=1e-4)
+
+
+def test_attention_window_bounds_what_a_token_sees_and_recurrences_reach_further():
+    """With a window of w tokens, the state after r recurrences depends on the (w-1) * (P + R*r) tokens before it and
+    no others: a change at position 0 reaches position p only once enough recurrences have passed."""
+    w = 3
+    model = randomized(GPTConfig.from_preset("tiny", recurrence=dict(r_max=8), attn_window=w)).double()
+    cfg = model.config
+    x = torch.randint(0, 512, (1, 40))
+    y = x.clone()
+    y[0, 0] = (x[0, 0] + 1) % 512
+    # float64 states (the logits are float32, too coarse for the far end of the reach): masked keys add exactly 0
+    for (r, sx), (_, sy, _) in zip(((r, s) for r, s, _ in model.iterate(x, 5)), model.iterate(y, 5), strict=True):
+        reach = (w - 1) * (cfg.n_prelude + cfg.n_recur * r)  # 6 at r=1, 22 at r=5
+        changed = (sx != sy)[0].any(-1)
+        assert changed[: reach + 1].all() and not changed[reach + 1:].any(), (r, changed.nonzero().max())
+    full = randomized(GPTConfig.from_preset("tiny", recurrence=dict(r_max=8))).double()
+    with torch.no_grad():
+        assert (full(x, num_recur=1) != full(y, num_recur=1))[0, -1].any()  # no window: the last token sees all
 
 
 def test_plain_gpt_cache_equals_full_forward():

@@ -40,6 +40,8 @@ class RecursiveGPTConfig(PretrainedConfig):
         state_init: str = "embed",  # initial state s0: embed (s0 = prelude output) | zeros
         softcap: float = 15.0,  # logits = softcap * tanh(logits / softcap); 0 disables
         rope_theta: float = 10000.0,  # rotary embedding base
+        sliding_window: int = 0,  # causal attention window of prelude and recurrent layers in tokens; 0 = whole context
+        coda_window: int = 0,  # the coda layers' window
         initializer_range: float = 0.02,  # std of the init used when a model is built without weights
         **kwargs,
     ):
@@ -54,6 +56,8 @@ class RecursiveGPTConfig(PretrainedConfig):
         self.state_init = state_init
         self.softcap = softcap
         self.rope_theta = rope_theta
+        self.sliding_window = sliding_window
+        self.coda_window = coda_window
         self.initializer_range = initializer_range
         for derived in ("num_hidden_layers", "head_dim"):  # written into config.json, recomputed on load
             kwargs.pop(derived, None)
@@ -92,6 +96,9 @@ class RecursiveGPTConfig(PretrainedConfig):
             heads % self.num_key_value_heads == 0,
             f"a divisor of num_attention_heads={heads}",
         )
+        for name in ("sliding_window", "coda_window"):
+            window = getattr(self, name)
+            _check(name, window, _is_int(window) and window >= 0, "an int >= 0 (0 = the whole context)")
         _check("inject_mode", self.inject_mode, self.inject_mode in INJECT_MODES, f"one of {INJECT_MODES}")
         _check("state_init", self.state_init, self.state_init in STATE_INITS, f"one of {STATE_INITS} (see STATE_INITS)")
         for name in ("softcap", "rope_theta"):
