@@ -214,7 +214,7 @@ def train_seed(seed: int, job: dict) -> dict:
     root, kind, vocab, steps = job["root"], job["kind"], job["vocab"], job["steps"]
     tokenizer = Tokenizer.load(Storage(job["storage"]).local_dir(job["tok_path"], os.path.join(root, f"tok-{seed}")))
     splits = {sp: Reasoning(kind=kind, split=sp, size=job["problems"]) for sp in ("eval", "hard")}
-    fpt = {name: flops_per_token(name, vocab) for name in VARIANTS}
+    fpt = job["flops_per_token"]
     per_seed = {}
     for name in VARIANTS:
         n_steps = max(1, round(steps * fpt["recipe"] / fpt[name]))  # same training FLOPs as the recipe
@@ -255,7 +255,7 @@ def main() -> None:
             _train_tokenizer(tok_cfg)
         tok_path = Storage(tok_cfg.storage).join("shared", "tokenizer")
         job = dict(root=root, storage=tok_cfg.storage, tok_path=tok_path, vocab=vocab, steps=steps, batch=batch,
-                   problems=problems, optimizer=args.optimizer, lr=args.lr, kind=args.kind)
+                   problems=problems, optimizer=args.optimizer, lr=args.lr, kind=args.kind, flops_per_token=fpt)
         if args.jobs > 1 and len(seeds) > 1:  # seeds side by side, one single-threaded process each
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(min(args.jobs, len(seeds)), mp_context=ctx) as pool:

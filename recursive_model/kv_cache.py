@@ -15,7 +15,7 @@ prompt but its last token, which is decoded (its output is the first generated t
 
 Memory is sized in tokens: how many sequences run at once is set by the pool and their lengths, not by a
 batch size x context length rectangle. `KVPool` owns the blocks; a `SequenceKV` is one sequence's block list and
-length; `BatchKV` is what one forward call over some rows needs (block table, positions, mask).
+length; `BatchKV` is what one forward call over some rows needs (block table, positions, masks).
 
 Shapes: B=rows, H=kv heads, T=new tokens, L=visible key length, Dh=head dim, NB=blocks in the pool, S=block size.
 Pool layout: (layers, NB, S, H, Dh), stored flat as (layers * NB, S, H, Dh).
@@ -65,7 +65,7 @@ class KVPool:
         self.n_slots = max(1, r) if kind == "exact" else int(k)
         self.kind = kind
         self.n_prelude, self.n_recur, self.n_coda = config.n_prelude, config.n_recur, config.n_coda
-        self.windows = sorted({w for w in config.windows if w})  # the layers' attention windows: masks of their own
+        self.windows = sorted(set(config.windows))  # the layers' attention windows (0 = whole context): a mask each
         self.n_layers = self.n_prelude + self.n_recur * self.n_slots + self.n_coda
         self.block_size, self.num_blocks = block_size, num_blocks
         # token-major blocks: a run of consecutive blocks is one contiguous (tokens, H, Dh) slab, read without a copy
@@ -161,9 +161,8 @@ class BatchKV:
         self._off = positions % bs  # (B, T) offset inside it
         L = table.size(1) * bs
         keys = torch.arange(L, device=positions.device)
-        q, k = positions[:, :, None], keys[None, None, :]
-        self.mask = window_mask(q, k, 0)[:, None]  # (B, 1, T, L): causal, per row
-        self.masks = {w: window_mask(q, k, w)[:, None] for w in pool.windows}  # the same within each layer's window
+        # window -> (B, 1, T, L): causal and within the window, per row
+        self.masks = {w: window_mask(positions[:, :, None], keys[None, None, :], w)[:, None] for w in pool.windows}
         self.span: tuple[int, int] | None = None  # (first block, count) when one row's blocks are consecutive
 
     @classmethod
@@ -186,7 +185,7 @@ class BatchKV:
         """The view of a subset of rows (rows still recurring)."""
         sub = object.__new__(BatchKV)
         sub.pool, sub.table, sub.positions = self.pool, self.table[idx], self.positions[idx]
-        sub._blk, sub._off, sub.mask = self._blk[idx], self._off[idx], self.mask[idx]
+        sub._blk, sub._off = self._blk[idx], self._off[idx]
         sub.masks = {w: m[idx] for w, m in self.masks.items()}
         sub.span = self.span if self.table.size(0) == 1 and idx.numel() == 1 else None
         return sub

@@ -61,16 +61,15 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, Dh)
         gqa = self.n_kv_head != self.n_head
-        if kv is None and self.window:
-            pos = torch.arange(T, device=x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(pos[:, None], pos, self.window),
-                                               enable_gqa=gqa)
-        elif kv is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if kv is None:
+            mask = None  # the fused causal kernel
+            if self.window:
+                pos = torch.arange(T, device=x.device)
+                mask = window_mask(pos[:, None], pos, self.window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         else:
             k, v = kv.view.update(kv.layer, k, v)
-            mask = kv.view.masks[self.window] if self.window else kv.view.mask
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=kv.view.masks[self.window],
                                                enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
 

@@ -155,10 +155,8 @@ class RecursiveGPTForCausalLM(PreTrainedModel, GenerationMixin):
             cache = DynamicCache()
         B, T = input_ids.shape
         past = self._check_cache(cache, r)
-        rope, mask = self._positions(input_ids, attention_mask, position_ids, past, cfg.sliding_window)
-        coda_mask = mask
-        if cfg.coda_window != cfg.sliding_window:
-            coda_mask = self._positions(input_ids, attention_mask, position_ids, past, cfg.coda_window)[1]
+        rope, (mask, coda_mask) = self._positions(input_ids, attention_mask, position_ids, past,
+                                                  (cfg.sliding_window, cfg.coda_window))
 
         x = rms(self.wte(input_ids))
         layer = 0  # cache layers are numbered in execution order
@@ -206,9 +204,9 @@ class RecursiveGPTForCausalLM(PreTrainedModel, GenerationMixin):
             )
         return attention_mask.bool()
 
-    def _positions(self, input_ids, attention_mask, position_ids, past: int, window: int = 0):
-        """Rotary angles of the new tokens and the attention mask within `window` tokens (0 = the whole context; mask
-        None = plain causal, no padding, no cache)."""
+    def _positions(self, input_ids, attention_mask, position_ids, past: int, windows: tuple[int, ...]):
+        """Rotary angles of the new tokens and one attention mask per entry of `windows` (tokens, 0 = the whole
+        context; a mask None = plain causal, no padding, no cache)."""
         B, T = input_ids.shape
         L, dev = past + T, input_ids.device
         real = None if attention_mask is None else self._check_mask(attention_mask, B, L)
@@ -219,16 +217,20 @@ class RecursiveGPTForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids = (real.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
         cos, sin = rotary_angles(position_ids, self.config.head_dim, self.config.rope_theta)
         rope = cos.to(self.dtype), sin.to(self.dtype)  # angles in float32, applied in the weights' dtype
-        if real is None and past == 0 and not window:
-            return rope, None
         query_at = torch.arange(past, L, device=dev)[:, None]  # (T, 1) index of each new token in the sequence
         key_at = torch.arange(L, device=dev)[None, :]  # (1, L)
-        visible = key_at <= query_at  # (T, L) causal
-        if window:  # padding only precedes a row's tokens, so sequence indices measure the window as positions do
-            visible = visible & (key_at > query_at - window)
-        visible = visible[None]  # (1, T, L)
-        if real is not None:
-            # A padding query sees itself only: a row of no visible keys would give NaN, and NaN values poison real
-            # rows through their zero attention weights.
-            visible = (visible & real[:, None, :]) | (key_at == query_at)[None]
-        return rope, visible[:, None]  # (B or 1, 1, T, L)
+
+        def mask(window: int) -> torch.Tensor | None:
+            if real is None and past == 0 and not window:
+                return None
+            visible = key_at <= query_at  # (T, L) causal
+            if window:  # padding only precedes a row's tokens, so sequence indices measure the window as positions do
+                visible = visible & (key_at > query_at - window)
+            visible = visible[None]  # (1, T, L)
+            if real is not None:
+                # A padding query sees itself only: a row of no visible keys would give NaN, and NaN values poison
+                # real rows through their zero attention weights.
+                visible = (visible & real[:, None, :]) | (key_at == query_at)[None]
+            return visible[:, None]  # (B or 1, 1, T, L)
+
+        return rope, [mask(w) for w in windows]
