@@ -3,8 +3,10 @@
 Training: the pipeline's step (bf16 autocast, the optimizer of recursive_model.optim as the d20 pretrain stage builds
 it, grad clipping, the LR schedule) on random tokens at the preset's full sequence length. The recursive model runs
 `model.compile_recurrence()`; the blocks applied once (prelude, coda, and every block of d20) are compiled one block
-at a time, so neither model is compared against an eager twin. The batch is the largest that fits, found by halving
-from `--start-batch` on CUDA out-of-memory (searched eagerly, so OOM attempts cost no compile). Variants:
+at a time, so neither model is compared against an eager twin. The micro-batch is the largest that fits, found by
+halving from `--start-batch` on CUDA out-of-memory (searched eagerly, so OOM attempts cost no compile); an optimizer
+step accumulates micro-batches up to the d20 pretrain stage's 32 sequences (batch_size x grad_accum), so Muon's cost
+is spread as in training. Variants:
   d20_recursive_r4    (P, R, C) = (2, 4, 2) at r = 4 (effective depth 20)
   d20_recursive_rpoi  the same model, r drawn per step as the pipeline draws it (recurrence.sample, recur_generator)
   d20                 the plain 20-layer GPT of the same width
@@ -62,6 +64,8 @@ D20_PRETRAIN_OPTIMIZER = OptimizerSettings(
     warmdown_frac=0.2,
 )
 GRAD_CLIP = 1.0  # StageConfig.grad_clip default, which the d20 stages keep
+# The d20 pretrain stage's sequences per optimizer step on one device (batch_size x grad_accum; a test keeps it equal)
+D20_PRETRAIN_SEQUENCES = 32
 SEED = 0
 
 
@@ -73,6 +77,7 @@ class Sizes:
     baseline_preset: str
     overrides: dict  # GPTConfig overrides applied to both presets
     start_batch: int
+    step_sequences: int  # sequences per optimizer step, accumulated from micro-batches of the largest batch that fits
     warmup_steps: int
     timed_steps: int
     prompt_tokens: int
@@ -85,7 +90,8 @@ FULL = Sizes(
     "d20-recursive",
     "d20",
     {},
-    start_batch=64,
+    start_batch=D20_PRETRAIN_SEQUENCES,
+    step_sequences=D20_PRETRAIN_SEQUENCES,
     warmup_steps=3,
     timed_steps=10,
     prompt_tokens=16,
@@ -98,6 +104,7 @@ QUICK = dataclasses.replace(
     FULL,
     overrides=dict(vocab_size=512, sequence_len=64, n_embd=32, n_head=2, n_kv_head=2),
     start_batch=2,
+    step_sequences=4,  # two micro-steps: the quick run walks the accumulation too
     warmup_steps=2,
     timed_steps=2,
     prompt_tokens=4,
@@ -205,28 +212,30 @@ def compile_model(model: GPT, backend: str) -> str:
 
 # ----------------------------------------------------------------------------------------------------- training
 class TrainStep:
-    """The pipeline's optimizer step (pipelines/train_loop.run_stage, grad_accum 1) on a fixed random batch."""
+    """The pipeline's optimizer step (pipelines/train_loop.run_stage) on a fixed random batch: `grad_accum`
+    micro-batches of `batch` sequences, each loss scaled by 1 / grad_accum, then clip and one optimizer step."""
 
     def __init__(self, model: GPT, settings: OptimizerSettings, device: torch.device):
         self.model, self.settings, self.device = model, settings, device
         self.optimizers = build_optimizers(model, settings)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-        self.step_index, self.x, self.y = 0, None, None
+        self.step_index, self.x, self.y, self.grad_accum = 0, None, None, 1
         self.last_loss = torch.zeros((), device=device)
 
-    def set_batch(self, batch: int) -> None:
+    def set_batch(self, batch: int, grad_accum: int = 1) -> None:
         cfg = self.model.config
         self.x = self.y = None
         g = torch.Generator(device="cpu").manual_seed(SEED)
         x = torch.randint(0, cfg.vocab_size, (batch, cfg.sequence_len + 1), generator=g)
-        self.x, self.y = x[:, :-1].to(self.device), x[:, 1:].to(self.device)
+        self.x, self.y, self.grad_accum = x[:, :-1].to(self.device), x[:, 1:].to(self.device), grad_accum
 
     def __call__(self, r: int | None) -> None:
         set_lr_multiplier(self.optimizers, lr_multiplier(self.step_index, self.settings))
         try:
-            with self.autocast:
-                loss = self.model(self.x, targets=self.y, num_recur=r)
-            loss.backward()
+            for _ in range(self.grad_accum):
+                with self.autocast:
+                    loss = self.model(self.x, targets=self.y, num_recur=r)
+                (loss / self.grad_accum).backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
             for opt in self.optimizers:
                 opt.step()
@@ -247,14 +256,15 @@ def time_steps(step: TrainStep, rs: list[int | None], model: GPT, peak: float | 
     synchronize(device)
     seconds = time.perf_counter() - t0
     batch, seq = step.x.shape
-    tok_s = batch * seq * len(rs) / seconds
+    tok_s = batch * seq * step.grad_accum * len(rs) / seconds
     flops = sum(model.flops_per_token(r) for r in rs) / len(rs)
     mem = peak_memory(device)
     loss = float(step.last_loss)
     return {
         "batch": batch,
         "seq": seq,
-        "tokens_per_step": batch * seq,
+        "grad_accum": step.grad_accum,
+        "tokens_per_step": batch * seq * step.grad_accum,
         "timed_steps": len(rs),
         "r_timed_steps": list(rs) if model.config.is_recursive else None,
         "seconds": seconds,
@@ -274,7 +284,8 @@ def train_variants(
 ) -> dict[str, dict[str, Any]]:
     """One model of `preset`; for each named r schedule: warm up, then time. The batch is searched at the largest r
     any schedule can draw (truncated BPTT keeps memory flat in r beyond bptt_k): eagerly, then once more from there
-    for the first compiled step, which halves again only if the compiled step needs more memory than eager."""
+    for the first compiled step, which halves again only if the compiled step needs more memory than eager; each
+    optimizer step accumulates micro-batches up to `sizes.step_sequences` sequences."""
     cfg = GPTConfig.from_preset(preset, **sizes.overrides)
     torch.manual_seed(SEED)
     with torch.device(device):
@@ -293,6 +304,8 @@ def train_variants(
     compiled = compile_model(model, sizes.compile_backend)
     before = dynamo_counts()
     batch, tried_compiled = largest_batch(fits, batch)
+    step.set_batch(batch, grad_accum=max(1, sizes.step_sequences // batch))
+    log(f"{preset}: compiled batch {batch} (tried {tried_compiled}), {step.grad_accum} micro-steps per step")
     common = {
         "preset": preset,
         "params": model.num_params(),
@@ -499,7 +512,12 @@ def continuous_batching(
 # ---------------------------------------------------------------------------------------------------------- main
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--start-batch", type=int, default=None, help="first batch tried; halved on OOM (default 64)")
+    p.add_argument(
+        "--start-batch",
+        type=int,
+        default=None,
+        help=f"first micro-batch tried; halved on OOM (default {D20_PRETRAIN_SEQUENCES})",
+    )
     p.add_argument("--timed-steps", type=int, default=None, help="timed training steps per variant (default 10)")
     p.add_argument(
         "--budget-s",

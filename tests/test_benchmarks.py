@@ -160,6 +160,8 @@ def test_gpu_quick_runs_torch_only_and_reports_every_figure(outputs):
     for v in variants.values():
         assert v["tokens_per_s"] > 0 and v["loss_finite"] and 0 < v["mfu"] < 1
         assert v["batch_tried_eager"] == v["batch_tried_compiled"] == [v["batch"]] == [out["sizes"]["start_batch"]]
+        # each optimizer step accumulates micro-batches up to step_sequences (2 x 2 in the quick run)
+        assert v["grad_accum"] == 2 and v["tokens_per_step"] == out["sizes"]["step_sequences"] * v["seq"]
         assert v["flops_per_token"] > 0 and v["peak_memory_bytes"] is None  # CUDA-only figure
         assert v["optimizer"] == "muon + adamw" and v["autocast"] == "bfloat16" and v["dynamo"]["graph_breaks"] == 0
     r4, rpoi, d20 = variants["d20_recursive_r4"], variants["d20_recursive_rpoi"], variants["d20"]
@@ -200,14 +202,14 @@ def test_largest_batch_halves_on_out_of_memory():
 
 def test_gpu_benchmark_trains_with_the_d20_pretrain_optimizer():
     """benchmarks/gpu.py cannot import pipelines (Ray); its optimizer settings must stay the d20 pretrain stage's."""
-    from benchmarks.gpu import D20_PRETRAIN_OPTIMIZER, GRAD_CLIP
+    from benchmarks.gpu import D20_PRETRAIN_OPTIMIZER, D20_PRETRAIN_SEQUENCES, GRAD_CLIP
     from pipelines.config import PipelineConfig
 
     for preset in ("d20", "d20-recursive"):
         stage = PipelineConfig.from_preset(preset).stage("pretrain")
         for f in dataclasses.fields(D20_PRETRAIN_OPTIMIZER):
             assert getattr(D20_PRETRAIN_OPTIMIZER, f.name) == getattr(stage, f.name), (preset, f.name)
-        assert stage.grad_clip == GRAD_CLIP and stage.grad_accum == 1
+        assert stage.grad_clip == GRAD_CLIP and stage.batch_size * stage.grad_accum == D20_PRETRAIN_SEQUENCES
 
 
 def test_byte_pair_tokenizer_has_exactly_the_model_vocabulary():
