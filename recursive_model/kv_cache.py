@@ -247,9 +247,13 @@ class BatchKV:
         src_layer = (pool.recur_layer(0, src)[None, :] + j).reshape(-1)
         blk = self._blk.reshape(-1)[tok].repeat(pool.n_recur)
         off = self._off.reshape(-1)[tok].repeat(pool.n_recur)
-        # One gather and one scatter for every (layer, slot, token) destination at once.
-        pool.k[dst_layer, blk, off] = pool.k[src_layer, blk, off]
-        pool.v[dst_layer, blk, off] = pool.v[src_layer, blk, off]
+        # One gather and one scatter for every (layer, slot, token) destination at once, over the storage flattened to
+        # one row per cached token: index_select / index_copy_ cost a fraction of 3-D advanced indexing here.
+        dst = (dst_layer * pool.num_blocks + blk) * pool.block_size + off
+        src = (src_layer * pool.num_blocks + blk) * pool.block_size + off
+        for store in (pool.k_flat, pool.v_flat):
+            rows = store.view(-1, *store.shape[2:])
+            rows.index_copy_(0, dst, rows.index_select(0, src))
 
 
 class KVCache:
