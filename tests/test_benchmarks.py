@@ -244,8 +244,8 @@ def test_depth_pays_trains_three_variants_for_the_same_flops(outputs):
         assert list(res["recipe"][split]["accuracy"]) == ["1", "2", "4", "8", "16"]
         assert list(res["iso"][split]["accuracy"]) == ["1"]  # a plain GPT has no r
         rules = res["recipe"][split]["adaptive_rules"]  # the learned gate and the engine's heuristics
-        assert set(rules) == {"learned:0.5", "kl:0.0005", "latent:0.0005"} and "adaptive_rules" not in res["iso"][split]
-        assert res["recipe"][split]["adaptive"] == rules["kl:0.0005"]  # the goals' rule: the recipe's decode exit
+        assert set(rules) == {"learned:0.5", "kl:0.0005", "kl:2e-05", "latent:0.0005"} and "adaptive_rules" not in res["iso"][split]
+        assert res["recipe"][split]["adaptive"] == rules["kl:2e-05"]  # the goals' rule: the recipe's decode exit
         for rule in rules.values():
             per_hop = rule["mean_recur_per_hop"]
             assert set(per_hop) <= {str(h) for h in hops} and all(1 <= r <= 16 for r in per_hop.values())
@@ -254,4 +254,4 @@ def test_depth_pays_trains_three_variants_for_the_same_flops(outputs):
     assert set(out["checks"]) >= {"hard_r16_minus_iso_ge_15pt", "hop8_more_recurrences_than_hop2"}
     assert out["goal_met"] == all(out["checks"].values())
     assert set(out["exit_rules"]) == set(rules)  # goal 3 per exit rule; the default's is the one in `checks`
-    assert out["exit_rules"]["kl:0.0005"]["checks"].items() <= out["checks"].items()
+    assert out["exit_rules"]["kl:2e-05"]["checks"].items() <= out["checks"].items()
