@@ -54,7 +54,8 @@ EXIT_RULES = (ExitRule(criterion="learned", threshold=0.5), ExitRule(criterion="
 GOAL_RULE = EXIT_RULES[2]
 # One head of 64 (small heads never learned the lookup); causal windows of 3 tokens (prelude, recurrence) and 4 (coda,
 # which reads the last move 3 tokens before the answer): with full attention nothing extrapolated to longer walks
-# (hard <= 17 %); with these windows the recipe reached 94 % on both seeds (LOG.md, 2026-12-03; coda window 3: chance).
+# (hard <= 17 %); with these windows the recipe reached 40-94 % over four runs (LOG.md, 2026-12-03/04; coda window 3:
+# chance).
 WIDTH = dict(n_embd=64, n_head=1, n_kv_head=1, attn_window=3, coda_window=4)
 # Measured on walk (docs/LOG.md, 2026-12-03): gradients through all 8 recurrences of a mean draw (bptt_k = mean) and
 # a loss on the last 2 states; supervise 4 stayed at chance, bptt_k 4 learned half as much.
