@@ -164,15 +164,14 @@ class BatchKV:
         # window -> (B, 1, T, L): causal and within the window, per row
         self.masks = {w: window_mask(positions[:, :, None], keys[None, None, :], w)[:, None] for w in pool.windows}
         self.span: tuple[int, int] | None = None  # (first block, count) when one row's blocks are consecutive
+        self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # the model's (cos, sin) at `positions`, once read
 
     @classmethod
     def build(cls, pool: KVPool, seqs: list[SequenceKV], T: int, device: torch.device | str) -> BatchKV:
         """Rows `seqs` (their blocks must already cover length + T) each appending T tokens."""
         nb = max(pool.blocks_for(s.length + T) for s in seqs)
-        table = torch.zeros((len(seqs), nb), dtype=torch.long)
-        for b, s in enumerate(seqs):
-            n = min(nb, len(s.blocks))
-            table[b, :n] = torch.tensor(s.blocks[:n], dtype=torch.long)
+        # one tensor from padded lists (built every decode step: a tensor per row cost ~0.1 ms at 16 rows)
+        table = torch.tensor([s.blocks[:nb] + [0] * (nb - len(s.blocks[:nb])) for s in seqs], dtype=torch.long)
         starts = torch.tensor([s.length for s in seqs], dtype=torch.long)
         positions = starts[:, None] + torch.arange(T)[None, :]
         view = cls(pool, table.to(device), positions.to(device))
@@ -188,6 +187,7 @@ class BatchKV:
         sub._blk, sub._off = self._blk[idx], self._off[idx]
         sub.masks = {w: m[idx] for w, m in self.masks.items()}
         sub.span = self.span if self.table.size(0) == 1 and idx.numel() == 1 else None
+        sub.rotary = None
         return sub
 
     def update(self, layer: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,24 +233,20 @@ class BatchKV:
                 pool.k_flat[dst, self._off] = pool.k_flat[src, self._off]
                 pool.v_flat[dst, self._off] = pool.v_flat[src, self._off]
             return
-        dev = self._blk.device
-        T = self._blk.size(1)
-        used = used.to(dev).repeat_interleave(T)  # (N,) per token entry
-        slots = torch.arange(pool.n_slots, device=dev)
-        # (token, slot) pairs to fill: every slot at or above the token's depth (none when it ran them all)
-        tok, slot = (slots[None, :] >= used[:, None]).nonzero(as_tuple=True)
-        if tok.numel() == 0:
+        used = used.to(self._blk.device)
+        if int(used.min()) >= pool.n_slots:  # every row ran a recurrence per slot: nothing above any depth
             return
-        src = used[tok] - 1  # a token with slots above its depth ran fewer recurrences than slots: no wrap-around
-        j = torch.arange(pool.n_recur, device=dev)[:, None]  # one copy per recurrent layer
-        dst_layer = (pool.recur_layer(0, slot)[None, :] + j).reshape(-1)
-        src_layer = (pool.recur_layer(0, src)[None, :] + j).reshape(-1)
-        blk = self._blk.reshape(-1)[tok].repeat(pool.n_recur)
-        off = self._off.reshape(-1)[tok].repeat(pool.n_recur)
-        # One gather and one scatter for every (layer, slot, token) destination at once, over the storage flattened to
-        # one row per cached token: index_select / index_copy_ cost a fraction of 3-D advanced indexing here.
-        dst = (dst_layer * pool.num_blocks + blk) * pool.block_size + off
-        src = (src_layer * pool.num_blocks + blk) * pool.block_size + off
+        # Every (row, token, slot, recurrent layer) entry reads slot min(slot, depth - 1): the deepest entry where the
+        # slot is above the row's depth, itself below it. The no-op copies cost less than finding the entries that
+        # need one (a nonzero and its gathers); one gather and one scatter over the storage flattened to one row per
+        # cached token move them all.
+        slots = torch.arange(pool.n_slots, device=used.device)
+        src_slot = torch.minimum(slots, used[:, None] - 1)[:, None, :, None]  # (B, 1, S, 1)
+        layer = torch.arange(pool.n_recur, device=used.device) + pool.n_prelude  # (R,) slot 0's recurrent layers
+        per_layer = pool.num_blocks * pool.block_size  # flat rows per cached layer
+        tok = (self._blk * pool.block_size + self._off)[:, :, None, None]  # (B, T, 1, 1) flat row in layer 0
+        dst = ((slots[:, None] * pool.n_recur + layer) * per_layer + tok).reshape(-1)
+        src = ((src_slot * pool.n_recur + layer) * per_layer + tok).reshape(-1)
         for store in (pool.k_flat, pool.v_flat):
             rows = store.view(-1, *store.shape[2:])
             rows.index_copy_(0, dst, rows.index_select(0, src))

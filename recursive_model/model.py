@@ -502,28 +502,38 @@ class GPT(nn.Module):
         else:
             s, e, c, sn, kv_a = f.s[rows], f.e[rows], cos[rows], sin[rows], kv.rows(rows)
         it, budget = f.done[rows], f.budgets[rows]
+        # Python ints for the common case (no row carried over: every row at the same recurrence), so the loop below
+        # neither reads each row's slot nor compares each row's budget while no row can have reached it.
+        lo = int(it.min()) if rows.numel() else 0
+        shared = lo if rows.numel() and lo == int(it.max()) else None
+        least_budget = int(budget.min()) if rows.numel() else 0
 
         def write_back(local: torch.Tensor | None) -> None:  # rows[local] (None: all of them) leave the compact set
             idx, st, n = (rows, s, it) if local is None else (rows[local], s[local], it[local])
             f.s = st if idx.numel() == B else f.s.index_copy(0, idx, st)
             f.done[idx] = n
 
-        for _ in range(steps):
+        for k in range(steps):
             if rows.numel() == 0:
                 break
-            slot = pool.slots_for_iters(it)  # an int when every row runs the same recurrence (the common case)
+            slot = pool.slot_for_iter(shared + k) if shared is not None else pool.slots_for_iters(it)
             s_out = self.recur_step(s, e, c, sn, [LayerKV(kv_a, pool.recur_layer(j, slot))
                                                   for j in range(self.config.n_recur)])
-            finished = it + 1 >= budget
+            # None: no row can have spent its budget yet
+            finished = None if shared is not None and shared + k + 1 < least_budget else it + 1 >= budget
+            exited = None
             if checks is not None:
                 probe = lambda sub, st=s_out, c=c, sn=sn, kv_a=kv_a: (  # noqa: E731
                     self._coda_logits(st, c, sn, kv_a) if isinstance(sub, slice)
                     else self._coda_logits(st[sub], c[sub], sn[sub], kv_a.rows(sub)))
                 exited = checks.step(it, rows, s[:, -1], s_out[:, -1], probe)
-                f.exited[rows] |= exited
-                finished |= exited
+                finished = exited if finished is None else finished | exited
             s, it = s_out, it + 1
-            if bool(finished.any()):
+            if finished is not None and bool(finished.any()):
+                if exited is not None:
+                    f.exited[rows] |= exited
+                if bool(finished.all()):  # the last rows: nothing left to gather
+                    break
                 write_back(finished.nonzero().squeeze(1))
                 keep = (~finished).nonzero().squeeze(1)
                 rows, s, e, c, sn, it, budget = rows[keep], s[keep], e[keep], c[keep], sn[keep], it[keep], budget[keep]
@@ -544,7 +554,8 @@ class GPT(nn.Module):
             kv.fill_forward(flight.done)
         cos, sin = self._rotary_at(kv)
         y = self._coda(x, cos, sin, kv)
-        lengths = torch.full((B,), T, dtype=torch.long, device=x.device) if lengths is None else lengths
+        if lengths is None:  # every row's last token (decoding: the only one)
+            return self.head(y[:, -1]), x[:, -1]
         last = (lengths - 1).clamp_min(0)
         rows = torch.arange(B, device=x.device)
         return self.head(y[rows, last]), x[rows, last]  # the head only where a token is sampled
@@ -563,8 +574,11 @@ class GPT(nn.Module):
         return torch.where(warm[:, None, None], init_state.view(B, 1, -1).to(s.dtype), s)
 
     def _rotary_at(self, kv: BatchKV):
-        positions = kv.positions
-        return self.cos[0][positions], self.sin[0][positions]  # (B, T, 1, Dh/2)
+        # kept on the view: prelude, recurrences and coda of one step read the same rows' positions
+        if kv.rotary is None:
+            positions = kv.positions
+            kv.rotary = self.cos[0][positions], self.sin[0][positions]  # (B, T, 1, Dh/2)
+        return kv.rotary
 
     def _coda_logits(self, x, cos, sin, kv: BatchKV) -> torch.Tensor:
         return self.head(self._coda(x, cos, sin, kv))
@@ -652,13 +666,19 @@ class _ExitChecks:
         if gate_prob is None and any(x is not None and x.impl.uses_gate for x in exits):
             raise ValueError("exit criterion 'learned' needs a model with an exit gate (GPTConfig.exit_gate=true)")
         self.gate_prob = gate_prob  # the model's GPT.gate_prob, or None without a gate
-        self.threshold = torch.tensor([x.threshold if x else 0.0 for x in exits], dtype=torch.float64, device=device)
-        self.min_recur = torch.tensor([x.min_recur if x else 1 for x in exits], dtype=torch.long, device=device)
-        names = sorted({x.criterion for x in exits if x is not None})
-        self.groups = {n: torch.tensor([x is not None and x.criterion == n for x in exits], device=device)
-                       for n in names}
-        # the common case, one rule for every row: no per-criterion gathers at each recurrence
-        self.uniform = len(names) == 1 and all(x is not None for x in exits)
+        self.n = len(exits)
+        # the common case, one rule for every row: no per-row tensors and no per-criterion gathers at each
+        # recurrence; the threshold and min_recur are plain numbers (the checks run at every recurrence of every step)
+        self.uniform = exits[0] if len(set(exits)) == 1 and exits[0] is not None else None
+        if self.uniform:
+            self.groups = {self.uniform.criterion: None}
+        else:
+            self.threshold = torch.tensor([x.threshold if x else 0.0 for x in exits], dtype=torch.float64,
+                                          device=device)
+            self.min_recur = torch.tensor([x.min_recur if x else 1 for x in exits], dtype=torch.long, device=device)
+            names = sorted({x.criterion for x in exits if x is not None})
+            self.groups = {n: torch.tensor([x is not None and x.criterion == n for x in exits], device=device)
+                           for n in names}
         self.prev_logp = prev_logp  # (B, V): each row has one criterion, so one store serves every logit rule
 
     def step(self, it: torch.Tensor, idx: torch.Tensor, s_prev: torch.Tensor, s_new: torch.Tensor,
@@ -669,9 +689,10 @@ class _ExitChecks:
         computed only when a criterion needs them. A row has a previous distribution iff it > 0 (it ran every
         recurrence before).
         """
-        exiting = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
+        rule = self.uniform
+        exiting = None if rule else torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
         for name, member in self.groups.items():
-            if self.uniform:
+            if rule:
                 local, rows, it_l = slice(None), idx, it
             else:
                 local = member[idx].nonzero().squeeze(1)
@@ -683,15 +704,17 @@ class _ExitChecks:
             if crit.uses_logits:
                 logp_new = F.log_softmax(probe(local)[:, -1], dim=-1)
                 if self.prev_logp is None:
-                    self.prev_logp = torch.zeros(member.numel(), logp_new.size(-1), dtype=logp_new.dtype,
+                    self.prev_logp = torch.zeros(self.n, logp_new.size(-1), dtype=logp_new.dtype,
                                                  device=idx.device)
                 logp_prev = self.prev_logp[rows] if bool((it_l > 0).any()) else None
                 self.prev_logp[rows] = logp_new.to(self.prev_logp.dtype)
             gate = self.gate_prob(s_new[local]) if crit.uses_gate else None
-            conv = crit.converged(s_prev[local], s_new[local], logp_prev, logp_new,
-                                  self.threshold[rows].to(s_new.dtype), gate)
+            threshold = rule.threshold if rule else self.threshold[rows].to(s_new.dtype)
+            conv = crit.converged(s_prev[local], s_new[local], logp_prev, logp_new, threshold, gate)
             if crit.uses_logits:
                 conv = conv & (it_l > 0)  # nothing to compare with after a row's first recurrence
+            if rule:
+                return conv & (it_l + 1 >= rule.min_recur) if rule.min_recur > 1 else conv
             exiting[local] = conv & (it_l + 1 >= self.min_recur[rows])
         return exiting
 
