@@ -260,6 +260,8 @@ def main() -> None:
     p.add_argument("--stream-chunks-per-s", type=float, default=None,
                    help="tier stream_chunks_per_s (default: TierConfig's; 0 = no budget)")
     p.add_argument("--port", type=int, default=8471)
+    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable of every replica (ServeConfig.env), e.g. a RAY_SERVE_* flag to measure")
     args = p.parse_args()
     if args.quick:
         args.preset, args.max_tokens, args.duration, args.rounds, args.concurrency = "tiny", 16, 2.0, 1, 4
@@ -282,6 +284,7 @@ def main() -> None:
     if args.stream_chunks_per_s is not None:
         stream["stream_chunks_per_s"] = args.stream_chunks_per_s or None
     app_config = serve_config(Path("ckpt"), args.concurrency, args.max_tokens, stream)
+    app_config["env"] = dict(item.split("=", 1) for item in args.serve_env)
     with tempfile.TemporaryDirectory(prefix="rnc-bench-") as tmp:
         ckpt = build_checkpoint(Path(tmp) / "ckpt", args.preset, overrides)
         app_config["checkpoint"] = str(ckpt)
@@ -348,6 +351,7 @@ def main() -> None:
                 "shared_tier": {"name": SHARED[0], "r_min": SHARED[1], "r_max": SHARED[2]},
                 "stream_interval_s": ServeConfig.model_validate(app_config).tier("medium").stream_interval_s,
                 "stream_chunks_per_s": ServeConfig.model_validate(app_config).tier("medium").stream_chunks_per_s,
+                "serve_env": app_config["env"],
             },
             "throughput": {
                 "tier": "medium",

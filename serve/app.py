@@ -280,10 +280,9 @@ def build_app(args: dict[str, Any]) -> Application:
         except ValidationError as exc:
             raise ValueError(f"invalid serve config: {format_validation_error(exc)}") from None
     cfg_dict = cfg.model_dump(mode="json")
-    tiers = {t.name: TierModel.options(**t.serve_options(cfg.env)).bind(cfg_dict, t.name) for t in cfg.tiers}
-    ingress_actor: dict[str, Any] = {"num_cpus": cfg.ingress.num_cpus}
-    if cfg.env:
-        ingress_actor["runtime_env"] = {"env_vars": dict(cfg.env)}
+    env = cfg.replica_env()
+    tiers = {t.name: TierModel.options(**t.serve_options(env)).bind(cfg_dict, t.name) for t in cfg.tiers}
+    ingress_actor: dict[str, Any] = {"num_cpus": cfg.ingress.num_cpus, "runtime_env": {"env_vars": env}}
     return Ingress.options(
         name="ingress",
         num_replicas=cfg.ingress.num_replicas,

@@ -234,6 +234,13 @@ class TierConfig(_Strict):
         }
 
 
+# Set in every replica unless `ServeConfig.env` says otherwise. Ray Serve runs a replica's handlers on an event loop
+# in a thread of their own by default; ours only await (the engine has its own thread, scoring an executor), so the
+# extra thread is one more hop and one more GIL contender per request. Measured by benchmarks/serve_load.py at
+# concurrency 8 (docs/LOG.md, 2026-12-07): replica CPU 70 -> 61 ms per request, HTTP / direct 0.74 -> 0.80.
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+
+
 class IngressConfig(_Strict):
     """The FastAPI ingress: parsing, auth, routing and streaming only, so it needs little CPU."""
 
@@ -265,7 +272,8 @@ class ServeConfig(_Strict):
         None, description="node-local directory caching downloaded checkpoints (default: $TMPDIR/rnc-serve-cache)"
     )
     env: dict[str, str] = Field(
-        default_factory=dict, description="environment variables set in every replica (e.g. S3 endpoint settings)"
+        default_factory=dict,
+        description="environment variables set in every replica (e.g. S3 endpoint settings); on top of REPLICA_ENV",
     )
     ingress: IngressConfig = Field(default_factory=IngressConfig)
 
@@ -304,6 +312,10 @@ class ServeConfig(_Strict):
         if self.auth_token_env:
             return os.environ.get(self.auth_token_env) or None
         return None
+
+    def replica_env(self) -> dict[str, str]:
+        """What every replica's runtime_env sets: REPLICA_ENV, then `env` (which wins on a shared key)."""
+        return {**REPLICA_ENV, **self.env}
 
     def tier(self, name: str) -> TierConfig:
         for t in self.tiers:

@@ -90,6 +90,20 @@ def test_config_defaults_and_yaml(tmp_path: Path) -> None:
     assert (engine_opts["max_recur"], engine_opts["kv_tokens"]) == (2, a.max_running * 64)
 
 
+def test_replicas_run_handlers_on_the_replica_loop_unless_env_says_otherwise() -> None:
+    from serve.app import build_app
+    from serve.config import REPLICA_ENV
+
+    flag = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+    assert REPLICA_ENV[flag] == "0"
+    cfg = load_config(None, checkpoint="/x", env={"K": "V"})
+    ingress = build_app(cfg)._bound_deployment
+    tiers = ingress.init_args[1]  # the tier deployments the ingress is bound to
+    for dep in [ingress, *(t._bound_deployment for t in tiers.values())]:
+        assert dep.ray_actor_options["runtime_env"]["env_vars"] == {flag: "0", "K": "V"}
+    assert load_config(None, checkpoint="/x", env={flag: "1"}).replica_env() == {flag: "1"}  # the config wins
+
+
 def test_tier_exit_rule_reads_spec_or_mapping_and_round_trips() -> None:
     tier = TierConfig(name="a", r_max=8, exit="kl:5e-4:2")
     assert tier.exit == ExitRule(criterion="kl", threshold=5e-4, min_recur=2)
