@@ -271,11 +271,10 @@ class GPT(nn.Module):
                 s = self._recur_step(s, e, cos, sin)
                 if i >= n_live - n_sup:
                     states.append(s)
-        logits = [self.head(self._coda(x_t, cos, sin)) for x_t in states]
         if targets is None:
-            return logits[-1]
+            return self.head(self._coda(states[-1], cos, sin))
         flat = targets.reshape(-1)
-        losses = [F.cross_entropy(lg.view(-1, lg.size(-1)), flat, ignore_index=-1, reduction="none") for lg in logits]
+        losses = [self._token_losses(self._coda(x_t, cos, sin), flat) for x_t in states]
         per_token = torch.stack(losses).mean(0)  # (B*T,)
         if self.exit_gate is not None and torch.is_grad_enabled() and cfg.is_recursive:
             beta = cfg.recurrence.gate_entropy if gate_entropy is None else float(gate_entropy)
@@ -284,6 +283,20 @@ class GPT(nn.Module):
             return per_token
         valid = (flat != -1).sum().clamp_min(1)
         return per_token.sum() / valid
+
+    def _token_losses(self, y: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (B*T,) of the coda output y (B, T, D) against flat targets (B*T,), 0 where a target is -1.
+
+        The head runs only where a target counts: in chat stages most positions are prompt tokens (a walk trains 2 of
+        ~16), and at a 4096-token vocabulary the head costs more than the whole recurrent block.
+        """
+        y = y.reshape(-1, y.size(-1))
+        valid = flat != -1
+        if bool(valid.all()):
+            return F.cross_entropy(self.head(y), flat, reduction="none")
+        rows = valid.nonzero().squeeze(1)
+        loss = F.cross_entropy(self.head(y.index_select(0, rows)), flat.index_select(0, rows), reduction="none")
+        return torch.zeros(flat.shape, dtype=loss.dtype, device=loss.device).index_copy(0, rows, loss)
 
     @torch.no_grad()
     def iterate(self, idx: torch.Tensor, num_recur: int):

@@ -99,6 +99,32 @@ def test_reference_parameter_counts():
     assert GPTConfig.from_preset("d20-recursive").effective_depth(16) == 2 + 4 * 16 + 2
 
 
+def test_the_head_runs_only_where_a_target_counts_and_the_loss_is_unchanged():
+    """Chat stages train a few positions per sequence: the loss and its gradients equal cross-entropy over every
+    position's logits with ignore_index=-1, computed by the head on the trained positions only."""
+    model = randomized(GPTConfig.from_preset("tiny"), std=0.1).double()
+    y = torch.randn(3, 7, 32, dtype=torch.float64, requires_grad=True)
+    flat = torch.randint(0, 512, (21,))
+    flat[torch.tensor([0, 1, 4, 5, 9, 13, 20])] = -1
+    ours = model._token_losses(y, flat)
+    ours.sum().backward()
+    g_ours, gw_ours = y.grad.clone(), model.lm_head.weight.grad.clone()
+    y.grad, model.lm_head.weight.grad = None, None
+    ref = torch.nn.functional.cross_entropy(model.head(y).view(21, -1), flat, ignore_index=-1, reduction="none")
+    ref.sum().backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_ours, y.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw_ours, model.lm_head.weight.grad, rtol=1e-12, atol=1e-12)
+    assert (ours[flat == -1] == 0).all()
+    # the whole model, scoring: the loss at r equals cross-entropy over the logits the model returns at r
+    x = torch.randint(0, 512, (3, 7))
+    with torch.no_grad():
+        loss = model(x, targets=flat.view(3, 7), num_recur=3, loss_reduction="none")
+        logits = model(x, num_recur=3)
+    ref = torch.nn.functional.cross_entropy(logits.view(21, -1), flat, ignore_index=-1, reduction="none")
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_tiny_forward_backward_is_fast_enough_to_use_everywhere():
     model = GPT(GPTConfig.from_preset("tiny")).train()
     x = torch.randint(0, 512, (4, 64))
