@@ -33,7 +33,7 @@ from recursive_model.evaluation import (
 from recursive_model.recurrence import ExitRule, exit_help
 
 PROG = "rnc eval"
-DEFAULT_TASKS = "reasoning,reasoning_hard,arithmetic,spelling_bee"  # generated: nothing to download
+DEFAULT_TASKS = "walk,walk_hard,arithmetic,spelling_bee"  # generated (nothing to download): the embedded default's
 DEFAULT_OUT_ROOT = "rnc-eval"
 
 

@@ -78,7 +78,7 @@ class _Documents:
 
 
 class _PackedLoader:
-    """Shared packing, sharding, epochs and exact resumption; subclasses turn documents into (ids, mask)."""
+    """Shared packing, sharding, epochs and exact resumption; subclasses turn documents into (ids, labels)."""
 
     kind = "base"
 
@@ -118,14 +118,15 @@ class _PackedLoader:
     # ------------------------------------------------------------------ subclass hook
 
     def _encode(self, documents: list[Any]) -> list[tuple[list[int], list[int] | None]]:
-        """Token ids and loss mask (None = every token is a target) of each document."""
+        """Token ids and labels of each document: labels[t] is the target of the prediction after ids[:t] (-1: none;
+        None = the ids themselves, every token is a target)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ state
 
     def _seek(self, epoch: int, doc_index: int, token_offset: int) -> None:
         self._ids: list[int] = []
-        self._mask: list[int] | None = None
+        self._labels: list[int] | None = None  # None while every buffered token is its own label
         # One [epoch, position, tokens of it still in the buffer, tokens of it already consumed] per buffered document.
         self._segments: deque[list[int]] = deque()
         self._skip = token_offset  # dropped from the first document read (resume inside a document)
@@ -192,15 +193,15 @@ class _PackedLoader:
             chunk = list(itertools.islice(self._reader, self.docs_per_read))
             if not chunk:
                 return False
-            for (epoch, pos, _), (ids, mask) in zip(chunk, self._encode([doc for _, _, doc in chunk]), strict=True):
+            for (epoch, pos, _), (ids, labels) in zip(chunk, self._encode([doc for _, _, doc in chunk]), strict=True):
                 offset, self._skip = self._skip, 0
                 ids = ids[offset:]
                 if not ids:
                     raise ValueError(f"loader state token_offset={offset} is past the end of document {pos}")
-                if mask is not None and self._mask is None:
-                    self._mask = [1] * len(self._ids)
-                if self._mask is not None:
-                    self._mask.extend(mask[offset:] if mask is not None else [1] * len(ids))
+                if labels is not None and self._labels is None:
+                    self._labels = list(self._ids)
+                if self._labels is not None:
+                    self._labels.extend(labels[offset:] if labels is not None else ids)
                 self._ids.extend(ids)
                 self._segments.append([epoch, pos, len(ids), offset])
                 self._next_read = (epoch, pos + self.world_size)
@@ -208,8 +209,8 @@ class _PackedLoader:
 
     def _consume(self, n: int) -> None:
         del self._ids[:n]
-        if self._mask is not None:
-            del self._mask[:n]
+        if self._labels is not None:
+            del self._labels[:n]
         while n:
             seg = self._segments[0]
             take = min(n, seg[2])
@@ -229,11 +230,10 @@ class _PackedLoader:
             raise StopIteration
         window = torch.tensor(self._ids[: B * T + 1], dtype=torch.long)
         inputs = window[:-1].view(B, T)
-        targets = window[1:].clone()
-        if self._mask is not None:
-            trained = torch.tensor(self._mask[1 : B * T + 1], dtype=torch.bool)
-            targets[~trained] = -1  # loss only where the target token is trained on
-        targets = targets.view(B, T)
+        if self._labels is None:
+            targets = window[1:].view(B, T)
+        else:  # -1 where nothing is learned (prompts), or an intermediate target instead of the next prompt token
+            targets = torch.tensor(self._labels[1 : B * T + 1], dtype=torch.long).view(B, T)
         self._consume(B * T)  # keep the window's last token: it is the next window's first input
         self.batches_yielded += 1
         if self.device.type != "cpu":
@@ -262,7 +262,8 @@ class TokenLoader(_PackedLoader):
 
 
 class ConversationLoader(_PackedLoader):
-    """Packed mid-training / SFT batches: conversations rendered with the chat template, targets -1 where not trained.
+    """Packed mid-training / SFT batches: conversations rendered with the chat template (`Tokenizer.render_training`:
+    targets -1 where not trained, a conversation's `prompt_targets` inside its prompt).
 
     `documents`: a sequence of conversation dicts (list, Task), a re-iterable or a callable. Each conversation starts
     with <|bos|> (render_conversation adds it) and is cut to `max_conversation_tokens`.
@@ -286,7 +287,7 @@ class ConversationLoader(_PackedLoader):
         super().__init__(documents, batch_size, seq_len, **kwargs)
 
     def _encode(self, documents: list[Any]) -> list[tuple[list[int], list[int] | None]]:
-        return [self.tokenizer.render_conversation(c, max_tokens=self.max_conversation_tokens) for c in documents]
+        return [self.tokenizer.render_training(c, max_tokens=self.max_conversation_tokens) for c in documents]
 
 
 def text_loader(

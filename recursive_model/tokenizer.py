@@ -218,6 +218,40 @@ class Tokenizer:
             add(sp["<|assistant_end|>"], 1)
         return ids[:max_tokens], mask[:max_tokens]
 
+    def render_training(self, conversation: dict, max_tokens: int = 2048) -> tuple[list[int], list[int]]:
+        """Token ids and labels of a conversation for training: labels[t] is the token learned as the prediction after
+        ids[:t] (ids[t] where `render_conversation`'s mask is 1), -1 where nothing is learned.
+
+        `conversation["prompt_targets"]` (optional): (n_chars, text) pairs of intermediate targets inside the first user
+        message. After its first n_chars characters the model learns to predict `text` (one token), e.g. a walk's
+        digit after each move. The prompt's tokens stay as they are, so inference is unchanged: the targets only say
+        what the states at those positions must already know. A pair whose offset falls inside a token (this tokenizer
+        merged across it) is skipped.
+        """
+        ids, mask = self.render_conversation(conversation, max_tokens)
+        labels = [t if m else -1 for t, m in zip(ids, mask, strict=True)]
+        pairs = conversation.get("prompt_targets")
+        if not pairs:
+            return ids, labels
+        first = conversation["messages"][0]
+        if first["role"] != "user" or not isinstance(first["content"], str):
+            raise ValueError("prompt_targets need a conversation that starts with a user message of text")
+        content = first["content"]
+        ends, offset = {}, 0  # byte offset in content where token j ends -> j
+        for j, token in enumerate(self.encode(content)):
+            offset += len(self.id_to_token(token))
+            ends[offset] = j
+        for n_chars, text in pairs:
+            target = self.encode(text)
+            if len(target) != 1 or not 0 < n_chars <= len(content):
+                raise ValueError(f"prompt_targets entry ({n_chars!r}, {text!r}): needs 0 < n_chars <= "
+                                 f"{len(content)} and a text of one token (it is {len(target)})")
+            j = ends.get(len(content[:n_chars].encode("utf-8")))
+            at = None if j is None else 3 + j  # after <|bos|> <|user_start|>: token j sits at 2 + j, predicts 3 + j
+            if at is not None and at < len(labels):
+                labels[at] = target[0]
+        return ids, labels
+
     def render_for_completion(self, conversation: dict) -> list[int]:
         """Ids of a conversation without its last (assistant) turn, followed by <|assistant_start|>."""
         messages = conversation.get("messages") if isinstance(conversation, dict) else None

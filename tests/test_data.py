@@ -19,6 +19,7 @@ from recursive_model.corpus import (
     shipped_corpus_paths,
 )
 from recursive_model.data import ConversationLoader, TokenLoader, bpb_totals, evaluate_bpb, text_loader
+from recursive_model.tasks import Reasoning
 from recursive_model.tokenizer import Tokenizer
 
 
@@ -240,6 +241,29 @@ def test_conversation_loader_masks_and_resumes(tok: Tokenizer) -> None:
         return ConversationLoader(convs, tok, B, T, docs_per_read=2, shuffle_seed=5, state=state)
 
     _check_resume(make, n=30, ks=[0, 5, 13, 29])
+
+
+def test_conversation_loader_targets_are_the_rendered_labels_shifted(tok: Tokenizer) -> None:
+    """Intermediate targets (a walk's digit after each move) land where Tokenizer.render_training puts them; mixed
+    with text-free conversations and resumed, the stream is the same."""
+    convs = list(Reasoning("walk", size=9, state_targets=True)) + [_chat(i) for i in range(3)]
+    B, T = 2, 8
+    batches = list(ConversationLoader(convs, tok, B, T, infinite=False))
+    ids = [t for c in convs for t in tok.render_training(c)[0]]
+    labels = [t for c in convs for t in tok.render_training(c)[1]]
+    n = len(batches)
+    assert [t for _, y in batches for t in y.reshape(-1).tolist()] == labels[1: n * B * T + 1]
+    assert [t for x, _ in batches for t in x.reshape(-1).tolist()] == ids[: n * B * T]
+    digits = {tok.encode(str(d))[0] for d in range(10)}
+    user_start = tok.encode_special("<|user_start|>")
+    # some prompt positions (inside a user turn) now have digit targets
+    inside_prompt = [y for x, y in zip(ids, labels[1:], strict=False) if x not in (user_start,) and y in digits]
+    assert len(inside_prompt) > len(convs)
+
+    def make(state):
+        return ConversationLoader(convs, tok, B, T, docs_per_read=2, shuffle_seed=5, state=state)
+
+    _check_resume(make, n=20, ks=[0, 7, 19])
 
 
 def test_text_loader_from_shipped_corpus(tok: Tokenizer, val_texts: list[str]) -> None:

@@ -220,7 +220,7 @@ def test_add_eval_subcommand_registers_eval_on_rnc(checkpoints, capsys):
     parser = argparse.ArgumentParser(prog="rnc")
     add_eval_subcommand(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["eval", "--checkpoint", checkpoints.recursive, "--recurrences", "4,1"])
-    assert args.recurrences == [1, 4] and args.tasks == ["reasoning", "reasoning_hard", "arithmetic", "spelling_bee"]
+    assert args.recurrences == [1, 4] and args.tasks == ["walk", "walk_hard", "arithmetic", "spelling_bee"]
     assert callable(args.func)
     with pytest.raises(SystemExit) as exc:
         parser.parse_args(["eval", "--checkpoint", checkpoints.recursive, "--recurrences", "-2"])
@@ -290,6 +290,35 @@ def test_fixed_r_columns_ignore_an_exit_criterion_in_the_checkpoint_config(token
     assert report.results["reasoning"][4].mean_recur == 4.0
     # Per answer: every token exits at the first KL check (2), the first too (the last prompt token follows the rule).
     assert report.adaptive_results["reasoning"].mean_recur == pytest.approx(2.0)
+
+
+def test_walk_results_break_down_by_moves_and_the_report_card_shows_them(tokenizer, tmp_path):
+    """Per difficulty: problems, accuracy and recurrences per token add up to the task's totals (adaptive and fixed),
+    and the report card lists them under the adaptive section."""
+    model, _ = _model(tokenizer)
+    report = evaluate_model(model, tokenizer, ["walk", "walk_hard"], [1, 3], adaptive=ExitRule.parse("latent:0.05"),
+                            max_problems=12, max_tokens=3, log=None)  # fmt: skip
+    assert EVAL_TASKS["walk_hard"].build().split == "hard"
+    for task, (lo, hi) in (("walk", (2, 4)), ("walk_hard", (5, 8))):
+        for result in (report.results[task][3], report.adaptive_results[task]):
+            levels = result.by_difficulty
+            assert set(map(int, levels)) <= set(range(lo, hi + 1)) and levels
+            assert sum(v["total"] for v in levels.values()) == result.total == 12
+            assert sum(v["num_correct"] for v in levels.values()) == result.num_correct
+            assert all(v["accuracy"] == v["num_correct"] / v["total"] for v in levels.values())
+        adaptive = report.adaptive_results[task].by_difficulty
+        tokens = report.adaptive_results[task].tokens_generated
+        total_recur = report.adaptive_results[task].mean_recur * tokens
+        # each level's mean is over its own tokens: weighted back, they give the task's mean
+        assert all(1 <= v["mean_recur"] <= 3 for v in adaptive.values())
+        assert sum(v["tokens_generated"] for v in adaptive.values()) == tokens
+        assert sum(v["mean_recur"] * v["tokens_generated"] for v in adaptive.values()) == pytest.approx(total_recur)
+        assert all(v["mean_recur"] == 3.0 for v in report.results[task][3].by_difficulty.values())
+    assert EvalReport.from_json(report.to_json()) == report
+    card = write_outputs(report, tmp_path)["report_card"].read_text()
+    rows = [line for line in card.splitlines() if line.startswith("| walk")]
+    levels = {(row.split("|")[1].strip(), row.split("|")[2].strip()) for row in rows}
+    assert ("walk", "2") in levels and any(task == "walk_hard" for task, _ in levels)
 
 
 # ------------------------------------------------------------------------------------------------------- report

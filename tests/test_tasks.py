@@ -272,6 +272,22 @@ def test_reasoning_walk_answers_difficulty_and_shape():
     assert not is_held_out("3;c?")
 
 
+def test_walk_state_targets_are_the_digit_after_each_move():
+    plain, targeted = Reasoning("walk", size=60), Reasoning("walk", size=60, state_targets=True)
+    for i in range(60):
+        assert "prompt_targets" not in plain[i]
+        conversation = targeted[i]
+        assert conversation["messages"] == plain[i]["messages"]  # prompt and answer unchanged
+        prompt, answer = (m["content"] for m in conversation["messages"])
+        start, *letters = prompt.removesuffix("?").split(";")
+        digit, expected = int(start), [(1, start)]
+        for k, letter in enumerate(letters):
+            digit = WALK_MOVES[letter][digit]
+            expected.append((2 * k + 3, str(digit)))  # after "7;c" (3 characters), "7;c;a" (5), ...
+        assert conversation["prompt_targets"] == expected
+        assert expected[-1][1] == answer and conversation["difficulty"] == len(letters)
+
+
 def test_reasoning_sum_answers():
     for split in ("train", "eval", "hard"):
         for conversation in Reasoning("sum", split, size=100):
@@ -324,6 +340,7 @@ def test_reasoning_rejects_bad_config():
         ({"kind": "sum", "order": "shuffled"}, "order"),
         ({"kind": "walk", "order": "shuffled"}, "order"),
         ({"kind": "walk", "difficulty": 17}, "difficulty"),
+        ({"kind": "pointer", "state_targets": True}, "state_targets"),
         ({"size": 0}, "size"),
     ]:
         with pytest.raises(ValueError, match=field):

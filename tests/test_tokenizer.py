@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import itertools
 import json
 import random
 
@@ -243,6 +244,30 @@ def test_render_conversation_truncates(tok: Tokenizer) -> None:
 def test_render_conversation_rejects_malformed(tok: Tokenizer, messages: list, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         tok.render_conversation({"messages": messages})
+
+
+def test_render_training_labels_the_trained_tokens_and_the_prompt_targets(tok: Tokenizer) -> None:
+    conversation = {"messages": [{"role": "user", "content": "7;c;a?"}, {"role": "assistant", "content": "9"}]}
+    ids, mask = tok.render_conversation(conversation)
+    assert tok.render_training(conversation) == (ids, [t if m else -1 for t, m in zip(ids, mask, strict=True)])
+    targeted = {**conversation, "prompt_targets": [(1, "7"), (3, "4"), (5, "9")]}
+    ids2, labels = tok.render_training(targeted)
+    assert ids2 == ids  # the input never changes
+    content = tok.encode("7;c;a?")
+    offsets = list(itertools.accumulate(len(tok.id_to_token(t)) for t in content))
+    expected = [t if m else -1 for t, m in zip(ids, mask, strict=True)]
+    for n_chars, text in targeted["prompt_targets"]:
+        if n_chars in offsets:  # the token ending after n_chars characters predicts `text`
+            expected[2 + offsets.index(n_chars) + 1] = tok.encode(text)[0]
+    assert labels == expected and labels != [t if m else -1 for t, m in zip(ids, mask, strict=True)]
+    # an offset inside a token is skipped; a target that is not one token, or out of the prompt, is an error
+    merged = {"messages": [{"role": "user", "content": "the the the"}, {"role": "assistant", "content": "x"}]}
+    boundaries = set(itertools.accumulate(len(tok.id_to_token(t)) for t in tok.encode("the the the")))
+    inside = next(n for n in range(1, 11) if n not in boundaries)
+    assert tok.render_training({**merged, "prompt_targets": [(inside, "7")]}) == tok.render_training(merged)
+    for pairs in ([(1, "hello world")], [(0, "7")], [(99, "7")]):
+        with pytest.raises(ValueError, match="prompt_targets"):
+            tok.render_training({**conversation, "prompt_targets": pairs})
 
 
 def test_render_for_completion(tok: Tokenizer) -> None:

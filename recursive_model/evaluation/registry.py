@@ -21,6 +21,10 @@ EVAL_TASKS: dict[str, EvalTaskSpec] = {
     # Generated tasks: no download, fixed held-out problems.
     "reasoning": EvalTaskSpec(partial(Reasoning, kind="pointer", split="eval")),
     "reasoning_hard": EvalTaskSpec(partial(Reasoning, kind="pointer", split="hard")),  # beyond training difficulty
+    # State tracking (walks of 2-4 moves; hard: 5-8, never trained), the depth task of the embedded default and of
+    # benchmarks/depth_pays.py: with causal attention windows, more recurrences reach further back.
+    "walk": EvalTaskSpec(partial(Reasoning, kind="walk", split="eval")),
+    "walk_hard": EvalTaskSpec(partial(Reasoning, kind="walk", split="hard")),
     "reasoning_chain": EvalTaskSpec(partial(Reasoning, kind="chain", split="eval")),  # variable tracking with +-
     "reasoning_sum": EvalTaskSpec(partial(Reasoning, kind="sum", split="eval")),
     "reasoning_sum_hard": EvalTaskSpec(partial(Reasoning, kind="sum", split="hard")),

@@ -196,8 +196,9 @@ class EvalReport:
         if self.adaptive is not None:
             notes.append(
                 f"Adaptive: decoding at r≤{self.adaptive_recur} with exit criterion {self.adaptive}; r/tok = mean "
-                "recurrences per generated token actually used (the prompt pass, which yields the first token, "
-                f"always runs all {self.adaptive_recur}). Multiple-choice tasks are scored from one forward pass over "
+                "recurrences per generated token actually used (the last prompt token, which yields the first "
+                "generated token, exits by the same rule; the rest of the prompt runs all "
+                f"{self.adaptive_recur}). Multiple-choice tasks are scored from one forward pass over "
                 f"the prompt, which always runs all {self.adaptive_recur} recurrences, so their adaptive cell repeats "
                 f"r={self.adaptive_recur}."
             )

@@ -61,6 +61,28 @@ def _adaptive_section(report: EvalReport) -> list[str]:
     lines.append(
         _md_row(["**all generative**", "", "", f"**{_fmt(mean, 2)}**", f"{1 - mean / r_max:.0%}" if mean else "—"])
     )
+    return lines + _difficulty_rows(report, r_max)
+
+
+def _difficulty_rows(report: EvalReport, r_max: int) -> list[str]:
+    """The adaptive run per difficulty (hops, moves) of the tasks whose problems have one: do harder problems get
+    more recurrences, and does the exit keep the accuracy of r_max on each?"""
+    tasks = [t for t in report.tasks if report.adaptive_results[t].by_difficulty]
+    if not tasks:
+        return []
+    lines = [
+        "",
+        "By difficulty (hops or moves per problem):",
+        "",
+        _md_row(["task", "difficulty", "problems", f"accuracy r={r_max}", "accuracy adaptive", "recurrences / token"]),
+        _md_row([":--", "--:", "--:", "--:", "--:", "--:"]),
+    ]
+    for task in tasks:
+        fixed = report.results[task][r_max].by_difficulty or {}
+        for level, row in report.adaptive_results[task].by_difficulty.items():
+            at_max = fixed.get(level, {}).get("accuracy")
+            lines.append(_md_row([task, level, str(row["total"]), _fmt(at_max), _fmt(row["accuracy"]),
+                                  _fmt(row["mean_recur"], 2)]))
     return lines
 
 

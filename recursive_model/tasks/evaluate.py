@@ -110,6 +110,7 @@ def run_generative(
         raise ValueError(f"run_generative needs a generative task, {task.name} is {task.eval_type!r}")
     _check_batch_size(batch_size)
     n, correct, total_recur, total_tokens = _problem_count(task, max_problems), 0, 0, 0
+    by_difficulty: dict[str, list[int]] = {}  # difficulty -> [problems, correct, recurrences, tokens]
     for start in range(0, n, batch_size):
         conversations = [task[i] for i in range(start, min(start + batch_size, n))]
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
@@ -126,9 +127,14 @@ def run_generative(
         if len(results) != len(prompts):
             raise RuntimeError(f"engine returned {len(results)} results for {len(prompts)} prompts")
         for conversation, result in zip(conversations, results, strict=True):
-            correct += bool(task.evaluate(conversation, result.text))
+            right = bool(task.evaluate(conversation, result.text))
+            correct += right
             total_recur += sum(result.recurs)
             total_tokens += len(result.recurs)
+            if conversation.get("difficulty") is not None:
+                tally = by_difficulty.setdefault(str(conversation["difficulty"]), [0, 0, 0, 0])
+                for i, v in enumerate((1, right, sum(result.recurs), len(result.recurs))):
+                    tally[i] += v
     return EvalResult(
         task=task.name,
         eval_type="generative",
@@ -138,4 +144,9 @@ def run_generative(
         num_recur=num_recur,
         mean_recur=total_recur / total_tokens if total_tokens else None,
         tokens_generated=total_tokens,
+        by_difficulty={
+            d: {"total": k, "num_correct": c, "accuracy": c / k, "mean_recur": r / t if t else None,
+                "tokens_generated": t}
+            for d, (k, c, r, t) in sorted(by_difficulty.items(), key=lambda item: int(item[0]))
+        } or None,
     )

@@ -116,23 +116,25 @@ class TaskMixture(Task):
 # CPU presets use only generated tasks (no network, seconds to build); real presets follow nanochat's mid / SFT mixes
 # with hub sources (swap "kwargs": {"source": "<local file>"} in to train from a local copy).
 MIXTURE_PRESETS: dict[str, list[dict[str, Any]]] = {
+    # The embedded default: walks (the depth task, with the digit after each move as intermediate targets) beside the
+    # chat tasks its eval also scores (arithmetic, spelling_bee) and the model's identity.
     "mid-cpu": [
         {"source": "identity", "count": 500},
-        {"source": "arithmetic", "count": 4000, "kwargs": {"size": 4000, "max_digits": 2}},
+        {"source": "arithmetic", "count": 2000, "kwargs": {"size": 2000, "max_digits": 2}},
         {"source": "spelling_bee", "count": 1000, "kwargs": {"size": 1000}},
-        {"source": "reasoning", "count": 8000, "kwargs": {"kind": "pointer", "size": 8000}},
-        {"source": "reasoning", "count": 4000, "kwargs": {"kind": "sum", "size": 4000}},
+        {"source": "reasoning", "count": 12_000, "kwargs": {"kind": "walk", "size": 12_000, "state_targets": True}},
     ],
     "sft-cpu": [
         {"source": "identity", "count": 200, "kwargs": {"seed": 1}},
-        {"source": "arithmetic", "count": 1000, "kwargs": {"size": 1000, "seed": 1, "max_digits": 2}},
+        {"source": "arithmetic", "count": 500, "kwargs": {"size": 500, "seed": 1, "max_digits": 2}},
         {"source": "spelling_bee", "count": 300, "kwargs": {"size": 300, "seed": 1}},
-        {"source": "reasoning", "count": 3000, "kwargs": {"kind": "pointer", "size": 3000, "seed": 1}},
-        {"source": "reasoning", "count": 1000, "kwargs": {"kind": "sum", "size": 1000, "seed": 1}},
+        {"source": "reasoning", "count": 3000, "kwargs": {"kind": "walk", "size": 3000, "seed": 1,
+                                                          "state_targets": True}},
     ],
-    # State tracking only (walks of 1-4 moves): the data of the depth recipe and of benchmarks/depth_pays.py.
+    # State tracking only (walks of 1-4 moves, intermediate targets): the data of benchmarks/depth_pays.py.
     "depth": [
-        {"source": "reasoning", "count": 20_000, "kwargs": {"kind": "walk", "size": 20_000, "seed": 2}},
+        {"source": "reasoning", "count": 20_000, "kwargs": {"kind": "walk", "size": 20_000, "seed": 2,
+                                                           "state_targets": True}},
     ],
     # Pointer chasing only (1-4 hops): the earlier depth task (`benchmarks/depth_pays.py --kind pointer`).
     "depth-pointer": [

@@ -16,7 +16,8 @@ them in order: a fixed-depth network composes about one move per layer, while a 
 move per recurrence (each move's position reads the digit reached at the previous move's) solves longer walks with
 more recurrences. A hop is one move; answers are uniform over 0-9 at every difficulty.
 The answer is one short number and there is no chain of thought, so the work has to happen in depth, i.e. in the
-recurrences. Splits:
+recurrences. With `state_targets` a training walk also names the digit after each move as a target of the prompt
+position that reads the move (intermediate targets, never part of the input). Splits:
   train  difficulty 1-4, any seed, any size;
   eval   difficulty 1-4, a fixed held-out set (EVAL_SIZE problems, seed fixed; walk: 2-4, see is_held_out);
   hard   difficulty 5-8, a fixed held-out set beyond the training difficulty, to test whether more test-time
@@ -128,6 +129,17 @@ def _walk(rng: random.Random, moves: int) -> tuple[str, str]:
     return prompt, str(digit)
 
 
+def walk_states(prompt: str) -> list[tuple[int, str]]:
+    """(characters read, digit reached) after the start digit and after each move of a walk prompt."""
+    body = prompt.rstrip("?")
+    digit = int(body[0])
+    states = [(1, str(digit))]
+    for i in range(2, len(body), 2):  # "7;c;a" -> moves at 2, 4, ...
+        digit = WALK_MOVES[body[i]][digit]
+        states.append((i + 1, str(digit)))
+    return states
+
+
 def is_held_out(prompt: str) -> bool:
     """True if a problem belongs to the held-out (eval/hard) side of the problem space.
 
@@ -150,10 +162,13 @@ class Reasoning(Task):
         size: int | None = None,
         seed: int = 0,
         order: str = "forward",
+        state_targets: bool = False,
         **slicing: Any,
     ) -> None:
         super().__init__(**slicing)
         check_choice("Reasoning.kind", kind, KINDS)
+        if state_targets and kind != "walk":
+            raise ValueError(f"Reasoning.state_targets=True needs kind='walk', got kind={kind!r}")
         check_choice("Reasoning.split", split, REASONING_SPLITS)
         check_choice("Reasoning.order", order, ORDERS)
         if order == "shuffled" and kind in ("sum", "walk"):
@@ -174,6 +189,12 @@ class Reasoning(Task):
             raise ValueError(f"Reasoning.size={size} must be >= 1")
         self.kind, self.split, self.order = kind, split, order
         self.difficulty, self.size, self.seed = (lo, hi), size, seed
+        # walk: each conversation also carries the digit after every move as `prompt_targets`, intermediate targets
+        # a training loader puts on the prompt's positions (Tokenizer.render_training). The prompt and the scored
+        # answer are unchanged; the targets only tell each move's position what the recurrence must have computed
+        # there. Measured on walk (docs/LOG.md, 2026-12-07): the final-answer-only loss needed ~1,500-3,000 steps to
+        # leave chance (seed-dependent); with these targets 250-500.
+        self.state_targets = state_targets
 
     @property
     def name(self) -> str:
@@ -205,8 +226,13 @@ class Reasoning(Task):
         raise RuntimeError(f"Reasoning: no {self.split} problem found in {_MAX_TRIES} tries at index {index}")
 
     def get_example(self, index: int) -> Conversation:
-        prompt, answer, _ = self.problem(index)
-        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+        prompt, answer, hops = self.problem(index)
+        # "difficulty": eval reports break accuracy and recurrences per token down by it (renderers ignore it)
+        conversation = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+                        "difficulty": hops}
+        if self.state_targets:
+            conversation["prompt_targets"] = walk_states(prompt)
+        return conversation
 
     def evaluate(self, conversation: Conversation, completion: str) -> bool:
         """Exact match of the completion (special tokens and whitespace stripped; `#### N` also accepted)."""

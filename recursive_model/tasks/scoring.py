@@ -22,6 +22,9 @@ class EvalResult:
     num_recur: int | None = None  # the requested recurrences (None = the model's default)
     mean_recur: float | None = None  # generative only: mean recurrences actually used per generated token
     tokens_generated: int | None = None
+    # generative tasks whose problems carry a "difficulty" (e.g. hops): {difficulty: {"total", "num_correct",
+    # "accuracy", "mean_recur", "tokens_generated"}}, string keys (JSON): do harder problems get more recurrences?
+    by_difficulty: dict[str, dict[str, float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
