@@ -2,7 +2,8 @@
 
 Every variant is trained by the project's one training loop (`pipelines.train_loop.run_stage`, a local session) as an
 SFT stage on 1-4 hops of a `Reasoning` kind (recursive_model/tasks/reasoning.py): `walk` (state tracking, the `depth`
-mixture; default) or `pointer` (pointer chasing, `--kind pointer`). Variants:
+mixture, whose walks also carry the digit after each move as intermediate targets; default) or `pointer` (pointer
+chasing, `--kind pointer`). Every variant trains on the same data. Variants:
   recipe   recursive GPT (P, R, C) = (1, 1, 1), r ~ Poisson log-normal (mean 8, r_max 16), bptt_k 8, deep
            supervision over the last 2 recurrences, learned exit gate; decodes with the kl exit by default
   iso      plain GPT with the recipe's effective depth at the trained mean r (1 + 8 + 1 = 10 layers), trained for the
@@ -238,7 +239,7 @@ def main() -> None:
     ap.add_argument("--kind", choices=sorted(DATA), default="walk", help="the Reasoning task trained and scored")
     ap.add_argument("--jobs", type=int, default=2, help="seeds trained side by side, one process (one thread) each")
     args = ap.parse_args()
-    steps = args.steps or (6 if args.quick else 3000)
+    steps = args.steps or (6 if args.quick else 1000)
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
     problems = args.problems or (16 if args.quick else 400)
     batch, vocab = (4 if args.quick else 32), 300

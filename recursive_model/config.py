@@ -187,9 +187,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Unit tests: a forward+backward in milliseconds on 2 CPU cores.
     "tiny": dict(vocab_size=512, sequence_len=64, n_embd=32, n_head=4, n_kv_head=2, n_prelude=1, n_recur=2, n_coda=1,
                  recurrence=_rec(2.0, 4, 2), decode=dict(num_recur=2)),
-    # The embedded default demo: trains for a few minutes on 2 CPU cores on the shipped corpus.
+    # A small full-attention model for CPU benchmarks (decode, continuous batching, serving load).
     "cpu-small": dict(vocab_size=4096, sequence_len=256, n_embd=128, n_head=4, n_kv_head=4, n_prelude=1, n_recur=2,
                       n_coda=1, recurrence=_rec(3.0, 8, 3), decode=dict(num_recur=3)),
+    # The embedded default's model (pipeline preset cpu-small): the depth recipe at CPU scale (README, "The depth
+    # recipe"). One layer each for prelude, recurrent block and coda, one 64-wide head, causal windows of 3 tokens
+    # (coda 4), so reaching further back takes more recurrences; r ~ Poisson log-normal with mean 8 up to 16, gradients
+    # through 8 of them, loss on the last 2, an exit gate; decodes up to r = 16 with the kl exit at 1e-4 (on the
+    # default run's walks it kept r = 16's accuracy at a mean of 6-7 recurrences of 16; docs/LOG.md, 2026-12-07).
+    "cpu-depth": dict(vocab_size=4096, sequence_len=256, n_embd=64, n_head=1, n_kv_head=1, n_prelude=1, n_recur=1,
+                      n_coda=1, attn_window=3, coda_window=4, exit_gate=True,
+                      recurrence=dict(mean=8.0, sigma=0.5, r_max=16, bptt_k=8, supervise=2, gate_entropy=0.05),
+                      decode=dict(num_recur=16, exit="kl:1e-4")),
     # The reference design: (P, R, C) = (2, 4, 2), r_mean 4 -> effective depth 20, ~328M params.
     "d20-recursive": dict(vocab_size=65536, sequence_len=2048, n_embd=1280, n_head=10, n_kv_head=10, n_prelude=2,
                           n_recur=4, n_coda=2, recurrence=_rec(4.0, 16, 4), decode=dict(num_recur=4)),
