@@ -244,7 +244,7 @@ def test_depth_pays_trains_three_variants_for_the_same_flops(outputs):
         assert list(res["recipe"][split]["accuracy"]) == ["1", "2", "4", "8", "16"]
         assert list(res["iso"][split]["accuracy"]) == ["1"]  # a plain GPT has no r
         rules = res["recipe"][split]["adaptive_rules"]  # the learned gate and the engine's heuristics
-        assert set(rules) == {"learned:0.5", "kl:0.0005", "kl:2e-05", "latent:0.0005"}
+        assert set(rules) == {"learned:0.5", "kl:0.0005", "kl:0.0001", "kl:2e-05", "latent:0.0005"}
         assert "adaptive_rules" not in res["iso"][split]
         assert res["recipe"][split]["adaptive"] == rules["kl:2e-05"]  # the goals' rule: the recipe's decode exit
         for rule in rules.values():

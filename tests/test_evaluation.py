@@ -315,10 +315,39 @@ def test_walk_results_break_down_by_moves_and_the_report_card_shows_them(tokeniz
         assert sum(v["mean_recur"] * v["tokens_generated"] for v in adaptive.values()) == pytest.approx(total_recur)
         assert all(v["mean_recur"] == 3.0 for v in report.results[task][3].by_difficulty.values())
     assert EvalReport.from_json(report.to_json()) == report
+    # one-token answers: the exit per problem over the whole prompt (evaluation.depth); arithmetic's are longer
+    assert set(report.depth_results) == {"walk", "walk_hard"}
+    for task in ("walk", "walk_hard"):
+        depth = report.depth_results[task]
+        assert depth.total == 12 and 1 <= depth.mean_recur <= 3
+        assert sum(v["total"] for v in depth.by_difficulty.values()) == 12
     card = write_outputs(report, tmp_path)["report_card"].read_text()
+    assert "Adaptive depth per problem" in card
     rows = [line for line in card.splitlines() if line.startswith("| walk")]
     levels = {(row.split("|")[1].strip(), row.split("|")[2].strip()) for row in rows}
     assert ("walk", "2") in levels and any(task == "walk_hard" for task, _ in levels)
+
+
+def test_answer_depth_equals_the_full_forward_at_every_r_and_exits_as_the_rules_say(tokenizer):
+    from recursive_model.evaluation.depth import answer_depth
+
+    model, _ = _model(tokenizer)
+    model = model.double().eval()
+    task = Reasoning("walk", "hard", size=10)
+    rules = [ExitRule.parse("kl:1e9"), ExitRule.parse("latent:1e9"), ExitRule.parse("latent:1e9:3"),
+             ExitRule.parse("kl:0")]
+    depth = answer_depth(model, tokenizer, task, 4, rules, batch_size=4)
+    for r in range(1, 5):  # the argmax after r recurrences of one forward == a forward at num_recur=r, per prompt
+        for i in range(10):
+            ids = torch.tensor([tokenizer.render_for_completion(task[i])])
+            want = tokenizer.encode(task[i]["messages"][-1]["content"])[0]
+            with torch.no_grad():
+                assert bool(depth.correct_at[r][i]) == (int(model(ids, num_recur=r)[0, -1].argmax()) == want)
+    # kl needs two distributions (fires at 2 at the earliest), latent fires at once, min_recur holds, 0 never fires
+    assert depth.exit_at[rules[0]].tolist() == [2] * 10 and depth.exit_at[rules[1]].tolist() == [1] * 10
+    assert depth.exit_at[rules[2]].tolist() == [3] * 10 and depth.exit_at[rules[3]].tolist() == [4] * 10
+    result = depth.result(rules[1], "walk_hard")
+    assert result.mean_recur == 1.0 and result.accuracy == float(depth.correct_at[1].float().mean())
 
 
 # ------------------------------------------------------------------------------------------------------- report

@@ -14,6 +14,7 @@ from ..recurrence import ExitRule
 from ..tasks import EvalResult, EvalType, Task, run_categorical, run_generative
 from ..tokenizer import Tokenizer
 from .arguments import check_adaptive, check_recurrences
+from .depth import answer_depth, one_token_answers
 from .registry import build_eval_tasks
 from .report import ADAPTIVE, ColumnKey, EvalReport
 
@@ -147,6 +148,7 @@ def evaluate_model(
     engine = Engine(model, tokenizer)
     results: dict[str, dict[int, EvalResult]] = {}
     adaptive_results: dict[str, EvalResult] = {}
+    depth_results: dict[str, EvalResult] = {}
     task_names, too_long, seconds = {}, {}, {}
     was_training = model.training
     model.eval()
@@ -175,6 +177,12 @@ def evaluate_model(
             adaptive_results[name] = score(num_recur=rs[-1], exit=adaptive)
             seconds[name][ADAPTIVE] = time.perf_counter() - t0
             say(_progress_line(name, f"{adaptive} r<={rs[-1]}", adaptive_results[name], seconds[name][ADAPTIVE]))
+            if one_token_answers(problems, tokenizer):  # the prompt's depth is what adapts (evaluation.depth)
+                t0 = time.perf_counter()
+                depth = answer_depth(model, tokenizer, problems, rs[-1], [adaptive], batch_size=max(batch_size, 64))
+                depth_results[name] = depth.result(adaptive, task.name)
+                seconds[name]["depth"] = time.perf_counter() - t0
+                say(_progress_line(name, f"{adaptive} per problem", depth_results[name], seconds[name]["depth"]))
     finally:
         model.train(was_training)
     report = EvalReport(
@@ -183,6 +191,7 @@ def evaluate_model(
         results=results,
         adaptive=adaptive,
         adaptive_results=adaptive_results,
+        depth_results=depth_results,
         recursive=config.is_recursive,
         task_names=task_names,
         too_long=too_long,

@@ -44,6 +44,9 @@ class EvalReport:
     checkpoint: str = ""  # where the weights came from (URI), for the report card
     meta: dict[str, Any] = field(default_factory=dict)  # the checkpoint's meta.json (stage, step, ...)
     settings: dict[str, Any] = field(default_factory=dict)  # max_problems, max_tokens, batch_size, decoding
+    # task -> the adaptive rule applied per problem (evaluation.depth: one forward, the exit at the answer position,
+    # the whole prompt at that depth); tasks whose answers are one token, when an adaptive rule is given
+    depth_results: dict[str, EvalResult] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         missing = [f"{t}@r={r}" for t in self.tasks for r in self.recurrences if r not in self.results.get(t, {})]
@@ -107,6 +110,7 @@ class EvalReport:
             "adaptive": None if self.adaptive is None else str(self.adaptive),  # "kl:0.0005": ExitRule.parse reads it
             "adaptive_recur": self.adaptive_recur,
             "adaptive_results": {t: res.to_dict() for t, res in self.adaptive_results.items()},
+            "depth_results": {t: res.to_dict() for t, res in self.depth_results.items()},
             "chatcore": {str(k): self.chatcore(k) for k in columns},
             "mean_recur": {str(k): self.mean_recur(k) for k in columns},
             "too_long": self.too_long,
@@ -136,6 +140,7 @@ class EvalReport:
             checkpoint=d.get("checkpoint", ""),
             meta=dict(d.get("meta", {})),
             settings=dict(d.get("settings", {})),
+            depth_results={t: EvalResult(**res) for t, res in d.get("depth_results", {}).items()},
         )
 
     @classmethod
@@ -233,6 +238,10 @@ class EvalReport:
                 y = self.chatcore(ADAPTIVE) if is_core else self.adaptive_results[panel].accuracy
                 if x:  # categorical tasks have no generated tokens: nothing adaptive to place on the r axis
                     ax.plot([x], [y], marker="*", markersize=13, linestyle="none", label=f"adaptive {self.adaptive}")
+                depth = self.depth_results.get(panel)
+                if depth is not None:
+                    ax.plot([depth.mean_recur], [depth.accuracy], marker="D", markersize=8, linestyle="none",
+                            label="adaptive depth per problem")
             ref = self._baseline_value(baseline, panel)
             if ref is not None:
                 ax.axhline(

@@ -61,7 +61,31 @@ def _adaptive_section(report: EvalReport) -> list[str]:
     lines.append(
         _md_row(["**all generative**", "", "", f"**{_fmt(mean, 2)}**", f"{1 - mean / r_max:.0%}" if mean else "—"])
     )
-    return lines + _difficulty_rows(report, r_max)
+    return lines + _difficulty_rows(report, r_max) + _depth_rows(report, r_max)
+
+
+def _depth_rows(report: EvalReport, r_max: int) -> list[str]:
+    """The exit rule per problem (evaluation.depth): how deep the whole forward goes before the answer settles."""
+    if not report.depth_results:
+        return []
+    lines = [
+        "",
+        f"Adaptive depth per problem: one forward over each prompt, `{report.adaptive}` checked at the answer position "
+        "after every recurrence, the whole prompt counted at the recurrence where it fires (above, the prompt runs "
+        f"all {r_max} and only generated tokens can exit, so a one-token answer's work is not counted there):",
+        "",
+        _md_row(["task", "difficulty", "problems", f"accuracy r={r_max}", "accuracy at the exit", "recurrences"]),
+        _md_row([":--", "--:", "--:", "--:", "--:", "--:"]),
+    ]
+    for task, depth in report.depth_results.items():
+        fixed = report.results[task][r_max]
+        lines.append(_md_row([task, "all", str(depth.total), _fmt(fixed.accuracy), _fmt(depth.accuracy),
+                              _fmt(depth.mean_recur, 2)]))
+        at_max = fixed.by_difficulty or {}
+        for level, row in (depth.by_difficulty or {}).items():
+            lines.append(_md_row([task, level, str(row["total"]), _fmt(at_max.get(level, {}).get("accuracy")),
+                                  _fmt(row["accuracy"]), _fmt(row["mean_recur"], 2)]))
+    return lines
 
 
 def _difficulty_rows(report: EvalReport, r_max: int) -> list[str]:
