@@ -131,8 +131,9 @@ class Ingress:
         tokenizer, model_config = load_tokenizer_and_config(self.config.checkpoint, self.config.cache_dir)
         self.planner = ChatPlanner(self.config, tokenizer, model_config.sequence_len)
         self.completion_planner = CompletionPlanner(self.config, tokenizer, model_config.sequence_len)
-        self.handles = tiers
-        self.stream_handles = {name: h.options(stream=True) for name, h in tiers.items()}
+        by_reference = self.config.ingress.tier_transport == "object_store"
+        self.handles = {name: h.options(_by_reference=by_reference) for name, h in tiers.items()}
+        self.stream_handles = {name: h.options(stream=True) for name, h in self.handles.items()}
         self.token = self.config.resolve_auth_token()
         self.metrics = IngressMetrics()
         self.page = resources.files("serve").joinpath("static/index.html").read_text(encoding="utf-8")

@@ -59,9 +59,12 @@ def local_tasks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], P
 @pytest.fixture(scope="module", name="serve_app")
 def serve_app_fixture(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
     """A tiny checkpoint whose every weight is random (so each recurrence moves the state), served from a local
-    directory with bearer auth on."""
+    directory with bearer auth on. Its ingress reaches the tiers through Ray's object store, test_serve's through
+    gRPC (the default), so both transports answer real requests."""
     checkpoint = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", all_random=True)
-    yield from deploy(serve_test_config(str(checkpoint), str(tmp_path_factory.mktemp("serve-cache"))))
+    config = serve_test_config(str(checkpoint), str(tmp_path_factory.mktemp("serve-cache")))
+    config["ingress"]["tier_transport"] = "object_store"
+    yield from deploy(config)
 
 
 @pytest.fixture(scope="module")

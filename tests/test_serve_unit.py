@@ -144,6 +144,7 @@ def test_example_config_is_valid() -> None:
             "max_ongoing_requests=8 must be > max_running + max_waiting = 8",
         ),
         ([], {}, "tiers"),
+        ([{"name": "a", "r_max": 2}], {"ingress": {"tier_transport": "http"}}, "ingress.tier_transport"),
     ],
 )
 def test_config_errors_name_the_field(tmp_path: Path, tiers: list, extra: dict, field: str) -> None:
