@@ -345,6 +345,10 @@ class ContinuousEngine:
                                                  generators=generators))
         flight = Flight.cat(flights) if len(flights) > 1 else flights[0]
         self.model.recur_rows(flight, kv, max_steps=cap)
+        if cap is None:  # every row ran its token to the end
+            logits, state = self.model.finish_rows(flight, kv)
+            self._finish_tokens(rows, state, logits, flight.done.tolist(), events)
+            return
         finished = flight.finished
         for b in (~finished).nonzero().squeeze(1).tolist():
             rows[b].flight = flight.rows(torch.tensor([b], device=self.device))  # carried over to the next step

@@ -351,3 +351,39 @@ def test_compiled_fixed_budget_token_equals_eager_with_one_graph_per_budget(toke
     # the whole-token graph once per budget (batch 1 may specialise once more), plus the per-block graphs of the
     # prompt-token steps; batch size and cache length never recompile
     assert 0 < frames <= 2 * len(budgets) + 2 * n_blocks, frames
+
+
+@pytest.mark.parametrize("depths", [[3, 3, 3, 3], [2, 5, 5, 2], [1, 2, 3, 6], [6, 6, 2, 6], [6, 6, 6, 6]])
+def test_cache_fill_copies_each_rows_deepest_entry_into_every_slot_above(depths):
+    """BatchKV.fill_forward (one or two depths: a broadcast write per depth; more: one gather/scatter) against the
+    definition: after it, (row, token, slot, layer) holds the row's entry at slot min(slot, depth - 1)."""
+    from recursive_model.kv_cache import BatchKV, KVPool, SequenceKV
+
+    cfg = GPTConfig.from_preset("tiny", n_prelude=1, n_recur=2, n_coda=1)
+    pool = KVPool(cfg, num_blocks=12, block_size=4, strategy="exact", num_recur=6)
+    g = torch.Generator().manual_seed(0)
+    pool.k_flat.copy_(torch.randn(pool.k_flat.shape, generator=g))
+    pool.v_flat.copy_(torch.randn(pool.v_flat.shape, generator=g))
+    seqs = []
+    for length in (1, 4, 6, 9):  # rows whose two new tokens start inside a block and across a block boundary
+        seq = SequenceKV(length=length)
+        pool.allocate(seq, length + 2)
+        seqs.append(seq)
+    kv = BatchKV.build(pool, seqs, 2, "cpu")
+    before_k, before_v = pool.k.clone(), pool.v.clone()
+    kv.fill_forward(torch.tensor(depths))
+    for b, (seq, depth) in enumerate(zip(seqs, depths, strict=True)):
+        for pos in range(seq.length, seq.length + 2):
+            blk, off = seq.blocks[pos // pool.block_size], pos % pool.block_size
+            for slot in range(pool.n_slots):
+                for j in range(pool.n_recur):
+                    src = pool.recur_layer(j, min(slot, depth - 1))
+                    dst = pool.recur_layer(j, slot)
+                    assert torch.equal(pool.k[dst, blk, off], before_k[src, blk, off]), (b, pos, slot, j)
+                    assert torch.equal(pool.v[dst, blk, off], before_v[src, blk, off]), (b, pos, slot, j)
+    # nothing else moved: prelude and coda layers, and every other token
+    touched = torch.zeros(pool.k.shape[:3], dtype=torch.bool)
+    for seq in seqs:
+        for pos in range(seq.length, seq.length + 2):
+            touched[:, seq.blocks[pos // pool.block_size], pos % pool.block_size] = True
+    assert torch.equal(pool.k[~touched], before_k[~touched]) and torch.equal(pool.v[~touched], before_v[~touched])
