@@ -6,6 +6,8 @@ Prelude and coda layers have one slot each; recurrent layers have `n_slots`, cho
 - final   : ring:1, only the last recurrence of each token is kept (memory 1/r of exact).
 A token that ran fewer recurrences than there are slots (adaptive exit, or a row with a smaller budget) has its deepest
 entry copied into the slots above it, so later tokens' lookups at any recurrence see the deepest state it reached.
+With exact the copies are lazy: at once only up to the deepest recurrence the sequence's decoded tokens have reached,
+and the rest just before a later recurrence reads them (`BatchKV.fill_forward`, `BatchKV.ensure_filled`).
 
 ring:k with r > k, prefill vs decode: in a prefill all prompt tokens run recurrence i together, so a prompt token's
 attention at recurrence i reads the other prompt tokens' recurrence-i keys (as exact does). A decoded token at
@@ -78,6 +80,10 @@ class KVPool:
         self.k = self.k_flat.view(self.n_layers, num_blocks, *shape[1:])
         self.v = self.v_flat.view(self.n_layers, num_blocks, *shape[1:])
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
+        # exact fills the slots above an exited token lazily (BatchKV.fill_forward): only up to its sequence's level,
+        # and later on demand (BatchKV.ensure_filled). That needs each cached token's depth, by flat token row.
+        self.lazy = self.kind == "exact" and self.n_slots > 1 and self.n_recur > 0
+        self.depth = torch.full((num_blocks * block_size,), self.n_slots, dtype=torch.long, device=device)
 
     @classmethod
     def for_tokens(cls, config: GPTConfig, max_tokens: int, block_size: int = 16, **kwargs) -> KVPool:
@@ -143,17 +149,25 @@ class KVPool:
 
 @dataclass
 class SequenceKV:
-    """One sequence's share of the pool: its blocks, in order, and how many tokens are cached."""
+    """One sequence's share of the pool: its blocks, in order, and how many tokens are cached.
+
+    `filled`: every cached token has a valid entry (its own, or its deepest copied up) in every recurrent slot below
+    it; `deepest`: the most recurrences any of its decoded tokens ran (the level the next shallow token is filled to).
+    """
 
     blocks: list[int] = field(default_factory=list)
     length: int = 0
+    filled: int = 1 << 30
+    deepest: int = 0
 
 
 class BatchKV:
     """The cache view of one forward call over B rows, each appending T tokens at its own position."""
 
-    def __init__(self, pool: KVPool, table: torch.Tensor, positions: torch.Tensor):
+    def __init__(self, pool: KVPool, table: torch.Tensor, positions: torch.Tensor,
+                 seqs: list[SequenceKV] | None = None):
         self.pool = pool
+        self._seqs: list[SequenceKV] | tuple[BatchKV, torch.Tensor] | None = seqs  # None: no lazy fill for this view
         self.table = table  # (B, nb) block ids; rows with fewer blocks are padded (never visible, see mask)
         self.positions = positions  # (B, T) absolute positions of the new tokens
         bs = pool.block_size
@@ -174,7 +188,7 @@ class BatchKV:
         table = torch.tensor([s.blocks[:nb] + [0] * (nb - len(s.blocks[:nb])) for s in seqs], dtype=torch.long)
         starts = torch.tensor([s.length for s in seqs], dtype=torch.long)
         positions = starts[:, None] + torch.arange(T)[None, :]
-        view = cls(pool, table.to(device), positions.to(device))
+        view = cls(pool, table.to(device), positions.to(device), seqs)
         first = seqs[0].blocks[:nb]
         if len(seqs) == 1 and len(first) == nb and first == list(range(first[0], first[0] + nb)):
             view.span = (first[0], nb)  # the common single-sequence case: attention reads a slice of the pool
@@ -188,7 +202,62 @@ class BatchKV:
         sub.masks = {w: m[idx] for w, m in self.masks.items()}
         sub.span = self.span if self.table.size(0) == 1 and idx.numel() == 1 else None
         sub.rotary = None
+        sub._seqs = None if self._seqs is None else (self, idx)  # resolved only if a lazy fill needs them
         return sub
+
+    def sequences(self) -> list[SequenceKV] | None:
+        if isinstance(self._seqs, tuple):
+            parent, idx = self._seqs
+            every = parent.sequences()
+            self._seqs = [every[i] for i in idx.tolist()]
+        return self._seqs
+
+    def filled_below(self) -> int | None:
+        """The lowest recurrent slot some row's cached tokens may not hold yet (None: every slot, or no lazy fill)."""
+        seqs = self.sequences() if self.pool.lazy else None
+        if not seqs:
+            return None
+        low = min(q.filled for q in seqs)
+        return low if low < self.pool.n_slots else None
+
+    def settle(self, used: int) -> None:
+        """After a fixed-budget step on a lazy pool (every new token ran `used` recurrences, nothing filled above):
+        record the tokens' depth and lower their sequences' levels."""
+        if not self.pool.lazy or self.pool.n_recur == 0:
+            return
+        self.pool.depth[self._blk * self.pool.block_size + self._off] = used
+        for q in self.sequences() or ():
+            q.filled = min(q.filled, used)
+            if self.positions.size(1) == 1:
+                q.deepest = max(q.deepest, used)
+
+    def ensure_filled(self, slot: int | list[int]) -> None:
+        """Before a recurrence reads `slot` (per row: a list): copy into it the deepest entry of every cached token of
+        the rows that stopped below it (a lazy fill's catch-up)."""
+        pool, seqs = self.pool, self.sequences()
+        slots = [slot] * len(seqs) if isinstance(slot, int) else slot
+        by_slot: dict[int, list[int]] = {}
+        for b, (q, sl) in enumerate(zip(seqs, slots, strict=True)):
+            if q.filled <= sl:
+                by_slot.setdefault(sl, []).append(b)
+        bs, dev = pool.block_size, self.table.device
+        for sl, rows in by_slot.items():
+            lengths = [seqs[b].length for b in rows]
+            L = max(lengths)
+            if L:
+                nb = -(-L // bs)
+                table = self.table[torch.tensor(rows, device=dev), :nb]
+                tok = (table[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(len(rows), -1)[:, :L]
+                valid = torch.arange(L, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]
+                depth = pool.depth[tok]
+                need = valid & (depth <= sl)
+                idx, src = tok[need], depth[need] - 1
+                if idx.numel():
+                    for store in (pool.k_flat, pool.v_flat):
+                        recur = _recurrent(pool, store)
+                        recur[sl][:, idx] = recur[src, :, idx].transpose(0, 1)
+            for b in rows:
+                seqs[b].filled = sl + 1
 
     def update(self, layer: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, T, Dh) at the rows' positions; return every row's keys/values (B, H, L, Dh).
@@ -220,11 +289,16 @@ class BatchKV:
 
         `used` (B,) per row, or an int shared by every row (a fixed-budget step: the copies are known without reading
         data, so a compiled graph can hold them).
+        A lazy pool (exact) copies only up to the deepest recurrence its sequence's decoded tokens have reached (most
+        later tokens stop below it) and lowers the sequence's `filled` level; a later recurrence that reads a slot at
+        or above that level first calls `ensure_filled`. Every read sees the same entries as with a full fill.
         """
         pool = self.pool
         if pool.n_recur == 0:
             return
         if isinstance(used, int):
+            if pool.lazy:  # left to ensure_filled; GPT.decode_fixed records the depth (`settle`) outside its graph
+                return
             pairs = [(pool.recur_layer(j, slot), pool.recur_layer(j, used - 1))
                      for slot in range(used, pool.n_slots) for j in range(pool.n_recur)]
             if pairs:
@@ -233,24 +307,36 @@ class BatchKV:
                 pool.k_flat[dst, self._off] = pool.k_flat[src, self._off]
                 pool.v_flat[dst, self._off] = pool.v_flat[src, self._off]
             return
-        depth_rows: dict[int, list[int]] = {}  # depth -> rows that stopped there, below the top slot
+        tok_rows = self._blk * pool.block_size + self._off  # (B, T) flat token rows of the new tokens
+        seqs = self.sequences() if pool.lazy else None
+        if pool.lazy:
+            pool.depth[tok_rows] = used.to(pool.depth.device)[:, None]
+        T = tok_rows.size(1)
+        tops: list[int] = []  # per row: the new tokens must hold every slot below it
+        depth_rows: dict[int, list[int]] = {}  # depth -> rows that stopped there, below their top
         for b, u in enumerate(used.tolist()):
-            if u < pool.n_slots:
+            top = pool.n_slots
+            if seqs is not None:  # lazy: fill up to the deepest its sequence's decoded tokens reached, not every slot
+                q = seqs[b]
+                top = min(q.filled, pool.n_slots, max(u, q.deepest))
+                q.filled = min(q.filled, max(u, top))
+                if T == 1:
+                    q.deepest = max(q.deepest, u)
+            tops.append(top)
+            if u < top:
                 depth_rows.setdefault(u, []).append(b)
-        if not depth_rows:  # every row ran a recurrence per slot: nothing above any depth
+        if not depth_rows:  # every row holds its own entry in every slot it must
             return
         if len(depth_rows) <= 2:
             # The common decode step: rows stop at one or two depths. Per depth, one broadcast write of the deepest
-            # entry into every slot above it (~40% less time than the general gather/scatter below, and no index
-            # arithmetic). The recurrent layers are contiguous in the storage: (slot, layer, token) rows.
-            tok = self._blk * pool.block_size + self._off  # (B, T) flat token row within a layer
+            # entry into the slots above it (up to the rows' highest top; writing more than a row needs is harmless).
             for depth, rows in depth_rows.items():
-                t = (tok if len(rows) == tok.size(0) else tok[torch.tensor(rows, device=tok.device)]).reshape(-1)
+                t = (tok_rows if len(rows) == tok_rows.size(0) else
+                     tok_rows[torch.tensor(rows, device=tok_rows.device)]).reshape(-1)
+                top = max(tops[b] for b in rows)
                 for store in (pool.k_flat, pool.v_flat):
-                    recur = store.view(pool.n_layers, -1, *store.shape[2:])[
-                        pool.n_prelude: pool.n_prelude + pool.n_slots * pool.n_recur]
-                    recur = recur.view(pool.n_slots, pool.n_recur, *recur.shape[1:])  # (S, R, NB*bs, H, Dh)
-                    recur[depth:, :, t] = recur[depth - 1, :, t][None]
+                    recur = _recurrent(pool, store)
+                    recur[depth:top, :, t] = recur[depth - 1, :, t][None]
             return
         used = used.to(self._blk.device)
         # Every (row, token, slot, recurrent layer) entry reads slot min(slot, depth - 1): the deepest entry where the
@@ -267,6 +353,14 @@ class BatchKV:
         for store in (pool.k_flat, pool.v_flat):
             rows = store.view(-1, *store.shape[2:])
             rows.index_copy_(0, dst, rows.index_select(0, src))
+
+
+def _recurrent(pool: KVPool, store: torch.Tensor) -> torch.Tensor:
+    """The recurrent layers of `store` (k_flat or v_flat) as (slot, layer, flat token row, H, Dh): contiguous in the
+    storage, so one slot's entries of a set of tokens are one indexed write."""
+    first = pool.n_prelude
+    recur = store.view(pool.n_layers, -1, *store.shape[2:])[first: first + pool.n_slots * pool.n_recur]
+    return recur.view(pool.n_slots, pool.n_recur, *recur.shape[1:])
 
 
 class KVCache:

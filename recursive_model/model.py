@@ -445,11 +445,16 @@ class GPT(nn.Module):
         Returns (logits (B, V), final state (B, D)).
         """
         self._check_positions(kv)
+        low = kv.filled_below()  # outside the graph: slots the recurrences read that a lazy fill left for later
+        for slot in range(low if low is not None else num_recur, num_recur):
+            kv.ensure_filled(slot)
         s0 = None
         if self.config.state_init == "noise":  # drawn here, outside the graph: each row's own generator
             s0 = self.initial_state(torch.empty(idx.size(0), 1, self.config.n_embd, dtype=self.wte.weight.dtype,
                                                 device=idx.device), generators)
-        return self._fixed_token(idx, kv, num_recur, s0, init_state, warm)
+        out = self._fixed_token(idx, kv, num_recur, s0, init_state, warm)
+        kv.settle(num_recur)
+        return out
 
     def fixed_token(self, idx, kv: BatchKV, num_recur: int, s0=None, init_state=None, warm=None):
         """decode_fixed's token: prelude, `num_recur` recurrences, the cache fill above them, coda, head."""
@@ -530,6 +535,7 @@ class GPT(nn.Module):
             shared = lo if rows.numel() and lo == int(it.max()) else None
             least_budget = int(budget.min()) if rows.numel() else 0
         steps = remaining if max_steps is None else min(remaining, max_steps)
+        lazy = kv_a.filled_below()  # the first slot some row's earlier tokens may not hold yet (lazy cache fill)
 
         def write_back(local: torch.Tensor | None) -> None:  # rows[local] (None: all of them) leave the compact set
             idx, st, n = (rows, s, it) if local is None else (rows[local], s[local], it[local])
@@ -540,6 +546,11 @@ class GPT(nn.Module):
             if rows.numel() == 0:
                 break
             slot = pool.slot_for_iter(shared + k) if shared is not None else pool.slots_for_iters(it)
+            if lazy is not None:
+                needed = slot.tolist() if isinstance(slot, torch.Tensor) else slot
+                if (max(needed) if isinstance(needed, list) else needed) >= lazy:
+                    kv_a.ensure_filled(needed)
+                    lazy = kv_a.filled_below()
             s_out = self.recur_step(s, e, c, sn, [LayerKV(kv_a, pool.recur_layer(j, slot))
                                                   for j in range(self.config.n_recur)])
             # None: no row can have spent its budget yet
@@ -564,6 +575,7 @@ class GPT(nn.Module):
                 keep = (~finished).nonzero().squeeze(1)
                 rows, s, e, c, sn, it, budget = rows[keep], s[keep], e[keep], c[keep], sn[keep], it[keep], budget[keep]
                 kv_a = kv_a.rows(keep)
+                lazy = kv_a.filled_below()
         if rows.numel():
             write_back(None)
         if checks is not None:

@@ -353,10 +353,12 @@ def test_compiled_fixed_budget_token_equals_eager_with_one_graph_per_budget(toke
     assert 0 < frames <= 2 * len(budgets) + 2 * n_blocks, frames
 
 
+@pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("depths", [[3, 3, 3, 3], [2, 5, 5, 2], [1, 2, 3, 6], [6, 6, 2, 6], [6, 6, 6, 6]])
-def test_cache_fill_copies_each_rows_deepest_entry_into_every_slot_above(depths):
+def test_cache_fill_copies_each_rows_deepest_entry_into_every_slot_above(depths, lazy):
     """BatchKV.fill_forward (one or two depths: a broadcast write per depth; more: one gather/scatter) against the
-    definition: after it, (row, token, slot, layer) holds the row's entry at slot min(slot, depth - 1)."""
+    definition: (row, token, slot, layer) holds the row's entry at slot min(slot, depth - 1) -- at once, or with the
+    lazy fill once a later step's recurrences have asked for every slot (ensure_filled)."""
     from recursive_model.kv_cache import BatchKV, KVPool, SequenceKV
 
     cfg = GPTConfig.from_preset("tiny", n_prelude=1, n_recur=2, n_coda=1)
@@ -369,9 +371,20 @@ def test_cache_fill_copies_each_rows_deepest_entry_into_every_slot_above(depths)
         seq = SequenceKV(length=length)
         pool.allocate(seq, length + 2)
         seqs.append(seq)
+    pool.lazy = lazy
+    for seq, deepest in zip(seqs, (0, 2, 4, 6), strict=True):  # lazy: levels of sequences that decoded before
+        seq.deepest = deepest
     kv = BatchKV.build(pool, seqs, 2, "cpu")
     before_k, before_v = pool.k.clone(), pool.v.clone()
     kv.fill_forward(torch.tensor(depths))
+    if lazy:
+        for seq in seqs:
+            seq.length += 2
+        later = BatchKV.build(pool, seqs, 1, "cpu")
+        for slot in range(pool.n_slots):
+            later.ensure_filled(slot)
+        for seq in seqs:
+            seq.length -= 2
     for b, (seq, depth) in enumerate(zip(seqs, depths, strict=True)):
         for pos in range(seq.length, seq.length + 2):
             blk, off = seq.blocks[pos // pool.block_size], pos % pool.block_size
@@ -381,9 +394,29 @@ def test_cache_fill_copies_each_rows_deepest_entry_into_every_slot_above(depths)
                     dst = pool.recur_layer(j, slot)
                     assert torch.equal(pool.k[dst, blk, off], before_k[src, blk, off]), (b, pos, slot, j)
                     assert torch.equal(pool.v[dst, blk, off], before_v[src, blk, off]), (b, pos, slot, j)
-    # nothing else moved: prelude and coda layers, and every other token
+    # nothing else moved: prelude and coda layers, and every other token (the prompt's first tokens ran every slot)
     touched = torch.zeros(pool.k.shape[:3], dtype=torch.bool)
     for seq in seqs:
         for pos in range(seq.length, seq.length + 2):
             touched[:, seq.blocks[pos // pool.block_size], pos % pool.block_size] = True
     assert torch.equal(pool.k[~touched], before_k[~touched]) and torch.equal(pool.v[~touched], before_v[~touched])
+
+
+@pytest.mark.parametrize("min_step_recur", [None, 1])
+def test_lazy_cache_fill_gives_the_same_tokens_as_filling_every_slot_at_once(model, tokenizer, monkeypatch,
+                                                                           min_step_recur):
+    """exact fills an exited token's upper slots only up to its sequence's deepest decoded recurrence, and catches up
+    just before a deeper recurrence reads them: tokens and recurrences equal the eager fill's, rows joining mid-way."""
+    from recursive_model.kv_cache import BatchKV
+
+    requests = mixed_requests("exact", warm=False)
+    eager_engine = engine_for(model, tokenizer, "exact", min_step_recur=min_step_recur)
+    eager_engine.pool.lazy = False
+    eager = run(eager_engine, requests, join_at={1: 2, 3: 5, 4: 9})
+    catch_ups = []
+    original = BatchKV.ensure_filled
+    monkeypatch.setattr(BatchKV, "ensure_filled", lambda self, slot: catch_ups.append(slot) or original(self, slot))
+    lazy_engine = engine_for(model, tokenizer, "exact", min_step_recur=min_step_recur)
+    assert lazy_engine.pool.lazy
+    assert run(lazy_engine, requests, join_at={1: 2, 3: 5, 4: 9}) == eager
+    assert catch_ups  # some recurrence went deeper than its sequence's earlier tokens were filled
