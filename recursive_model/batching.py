@@ -345,19 +345,19 @@ class ContinuousEngine:
                                                  generators=generators))
         flight = Flight.cat(flights) if len(flights) > 1 else flights[0]
         self.model.recur_rows(flight, kv, max_steps=cap)
-        if cap is None:  # every row ran its token to the end
-            logits, state = self.model.finish_rows(flight, kv)
-            self._finish_tokens(rows, state, logits, flight.done.tolist(), events)
-            return
-        finished = flight.finished
-        for b in (~finished).nonzero().squeeze(1).tolist():
-            rows[b].flight = flight.rows(torch.tensor([b], device=self.device))  # carried over to the next step
-        done = finished.nonzero().squeeze(1)
-        if done.numel() == 0:
-            return
-        out, kv_out = (flight, kv) if done.numel() == len(rows) else (flight.rows(done), kv.rows(done))
+        if cap is None:  # every row ran its token to the end: nothing is carried over
+            out, kv_out, ended = flight, kv, rows
+        else:
+            finished = flight.finished
+            for b in (~finished).nonzero().squeeze(1).tolist():
+                rows[b].flight = flight.rows(torch.tensor([b], device=self.device))  # carried over to the next step
+            done = finished.nonzero().squeeze(1)
+            if done.numel() == 0:
+                return
+            out, kv_out = (flight, kv) if done.numel() == len(rows) else (flight.rows(done), kv.rows(done))
+            ended = [rows[b] for b in done.tolist()]
         logits, state = self.model.finish_rows(out, kv_out)
-        self._finish_tokens([rows[b] for b in done.tolist()], state, logits, out.done.tolist(), events)
+        self._finish_tokens(ended, state, logits, out.done.tolist(), events)
 
     def _finish_tokens(self, seqs: list[_Sequence], state: torch.Tensor, logits: torch.Tensor, used: list[int],
                        events: list[StepEvent]) -> None:

@@ -160,6 +160,13 @@ class SequenceKV:
     filled: int = 1 << 30
     deepest: int = 0
 
+    def appended(self, depth: int, holds: int, decoded: bool) -> None:
+        """New tokens that ran `depth` recurrences and hold every slot below `holds` joined the cache (`decoded`:
+        generated one at a time, not a prompt chunk run at the full budget)."""
+        self.filled = min(self.filled, holds)
+        if decoded:
+            self.deepest = max(self.deepest, depth)
+
 
 class BatchKV:
     """The cache view of one forward call over B rows, each appending T tokens at its own position."""
@@ -223,19 +230,17 @@ class BatchKV:
     def settle(self, used: int) -> None:
         """After a fixed-budget step on a lazy pool (every new token ran `used` recurrences, nothing filled above):
         record the tokens' depth and lower their sequences' levels."""
-        if not self.pool.lazy or self.pool.n_recur == 0:
+        if not self.pool.lazy:
             return
         self.pool.depth[self._blk * self.pool.block_size + self._off] = used
         for q in self.sequences() or ():
-            q.filled = min(q.filled, used)
-            if self.positions.size(1) == 1:
-                q.deepest = max(q.deepest, used)
+            q.appended(used, used, self.positions.size(1) == 1)
 
-    def ensure_filled(self, slot: int | list[int]) -> None:
-        """Before a recurrence reads `slot` (per row: a list): copy into it the deepest entry of every cached token of
-        the rows that stopped below it (a lazy fill's catch-up)."""
+    def ensure_filled(self, slot: int | torch.Tensor) -> None:
+        """Before a recurrence reads `slot` (per row: a (B,) tensor): copy into it the deepest entry of every cached
+        token of the rows that stopped below it (a lazy fill's catch-up)."""
         pool, seqs = self.pool, self.sequences()
-        slots = [slot] * len(seqs) if isinstance(slot, int) else slot
+        slots = [slot] * len(seqs) if isinstance(slot, int) else slot.tolist()
         by_slot: dict[int, list[int]] = {}
         for b, (q, sl) in enumerate(zip(seqs, slots, strict=True)):
             if q.filled <= sl:
@@ -311,7 +316,6 @@ class BatchKV:
         seqs = self.sequences() if pool.lazy else None
         if pool.lazy:
             pool.depth[tok_rows] = used.to(pool.depth.device)[:, None]
-        T = tok_rows.size(1)
         tops: list[int] = []  # per row: the new tokens must hold every slot below it
         depth_rows: dict[int, list[int]] = {}  # depth -> rows that stopped there, below their top
         for b, u in enumerate(used.tolist()):
@@ -319,9 +323,7 @@ class BatchKV:
             if seqs is not None:  # lazy: fill up to the deepest its sequence's decoded tokens reached, not every slot
                 q = seqs[b]
                 top = min(q.filled, pool.n_slots, max(u, q.deepest))
-                q.filled = min(q.filled, max(u, top))
-                if T == 1:
-                    q.deepest = max(q.deepest, u)
+                q.appended(u, max(u, top), tok_rows.size(1) == 1)
             tops.append(top)
             if u < top:
                 depth_rows.setdefault(u, []).append(b)

@@ -519,18 +519,17 @@ class GPT(nn.Module):
         # `shared`: the recurrence every compact row is at, as a Python int (None: rows carried over from different
         # steps), so the loop below neither reads each row's slot nor compares each row's budget while no row can
         # have reached it.
-        if f.fresh is not None:  # no row has run a recurrence: the loop's shape is known without reading a tensor
-            (least_budget, remaining), f.fresh = f.fresh, None
-            rows, shared = torch.arange(B, device=f.s.device), 0
+        fresh, f.fresh = f.fresh, None  # no row has run a recurrence: the loop's shape is known without a tensor read
+        rows = torch.arange(B, device=f.s.device) if fresh is not None else (~f.finished).nonzero().squeeze(1)
+        if rows.numel() == B:  # every row: no gather at all
             s, e, c, sn, kv_a, it, budget = f.s, f.e, cos, sin, kv, f.done, f.budgets
         else:
+            s, e, c, sn, kv_a = f.s[rows], f.e[rows], cos[rows], sin[rows], kv.rows(rows)
+            it, budget = f.done[rows], f.budgets[rows]
+        if fresh is not None:
+            (least_budget, remaining), shared = fresh, 0
+        else:
             remaining = int((f.budgets - f.done).max())
-            rows = (~f.finished).nonzero().squeeze(1)
-            if rows.numel() == B:  # every row: no gather at all
-                s, e, c, sn, kv_a, it, budget = f.s, f.e, cos, sin, kv, f.done, f.budgets
-            else:
-                s, e, c, sn, kv_a = f.s[rows], f.e[rows], cos[rows], sin[rows], kv.rows(rows)
-                it, budget = f.done[rows], f.budgets[rows]
             lo = int(it.min()) if rows.numel() else 0
             shared = lo if rows.numel() and lo == int(it.max()) else None
             least_budget = int(budget.min()) if rows.numel() else 0
@@ -546,11 +545,9 @@ class GPT(nn.Module):
             if rows.numel() == 0:
                 break
             slot = pool.slot_for_iter(shared + k) if shared is not None else pool.slots_for_iters(it)
-            if lazy is not None:
-                needed = slot.tolist() if isinstance(slot, torch.Tensor) else slot
-                if (max(needed) if isinstance(needed, list) else needed) >= lazy:
-                    kv_a.ensure_filled(needed)
-                    lazy = kv_a.filled_below()
+            if lazy is not None and (slot if isinstance(slot, int) else int(slot.max())) >= lazy:
+                kv_a.ensure_filled(slot)
+                lazy = kv_a.filled_below()
             s_out = self.recur_step(s, e, c, sn, [LayerKV(kv_a, pool.recur_layer(j, slot))
                                                   for j in range(self.config.n_recur)])
             # None: no row can have spent its budget yet

@@ -100,9 +100,8 @@ class LatentExit(ExitCriterion):
 
     def converged(self, s_prev, s_new, logp_prev, logp_new, threshold, gate=None):
         # linalg.vector_norm: Tensor.norm's Python dispatch costs as much as the reduction at decode sizes
-        change = torch.linalg.vector_norm(s_new - s_prev, dim=-1) / torch.linalg.vector_norm(s_new, dim=-1).clamp_min(
-            1e-12)
-        return change < threshold
+        vnorm = torch.linalg.vector_norm
+        return vnorm(s_new - s_prev, dim=-1) / vnorm(s_new, dim=-1).clamp_min(1e-12) < threshold
 
 
 class KLExit(ExitCriterion):
