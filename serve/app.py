@@ -77,9 +77,10 @@ class TierModel:
     async def generate(self, request: GenerationRequest) -> Completion:
         return await self.batcher.generate(request)
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk | Completion]:
-        async for event in self.batcher.stream(request, self.tier.stream_interval_s):
-            yield event
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[list[StreamChunk | Completion]]:
+        """A chunk, the Completion, or both per message (see ReplicaBatcher.stream_batches)."""
+        async for batch in self.batcher.stream_batches(request, self.tier.stream_interval_s):
+            yield batch
 
     async def score(self, request: ScoreRequest) -> TokenScores:
         """Log-probabilities from one full forward (off the engine thread; see ReplicaBatcher.score)."""
@@ -218,10 +219,9 @@ class Ingress:
 
     async def _sse(self, formatter: Any, first: Any, gen: Any) -> AsyncIterator[bytes]:
         try:
-            yield formatter.start()
-            yield formatter.event(first)
-            async for event in gen:
-                yield formatter.event(event)
+            yield formatter.start() + b"".join(map(formatter.event, first))  # one write per message from the tier
+            async for batch in gen:
+                yield b"".join(map(formatter.event, batch))
         except Exception as exc:  # the replica died mid-answer: tell the client instead of cutting the stream
             status, message = self._classify(exc, formatter.tier)
             logger.warning("stream on tier %s failed: %s", formatter.tier, message)

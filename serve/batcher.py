@@ -14,6 +14,7 @@ Nothing here imports Ray, so the tests drive it directly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -45,6 +46,7 @@ class EngineSnapshot:
     recurrences: float = 0.0  # spent on those tokens, since start
     steps: int = 0  # engine steps run
     busy_s: float = 0.0  # time spent in step(); busy_s / wall time = how much of the time the model computes
+    busy_cpu_s: float = 0.0  # the engine thread's own CPU time in step(); below busy_s while it waits (core, GIL)
     rejected: int = 0  # requests refused because the waiting queue was full
     scored_tokens: int = 0  # tokens scored by full forwards (`ReplicaBatcher.score`), since start
     scored_recurrences: int = 0  # recurrences of those forwards, per token
@@ -66,9 +68,18 @@ class _Failed:
 class _Job:
     """A request in flight. Its queue belongs to the event loop that submitted it; the rest to the engine thread."""
 
-    def __init__(self, req: GenerationRequest, tokenizer: Any, streaming: bool, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self,
+        req: GenerationRequest,
+        tokenizer: Any,
+        streaming: bool,
+        loop: asyncio.AbstractEventLoop,
+        min_interval_s: float = 0.0,
+    ):
         self.req = req
         self.streaming = streaming  # False: only the Completion is delivered, no per-token wake-ups
+        self.min_interval_s = min_interval_s  # streaming: this request's own floor between chunks
+        self.next_chunk_at = 0.0  # engine thread: perf_counter time before which new tokens are held (merged)
         self.loop = loop
         self.queue: asyncio.Queue[StreamChunk | Completion | _Failed] = asyncio.Queue()
         self.finished = asyncio.Event()  # set once the Completion (or failure) is queued
@@ -125,6 +136,7 @@ class ReplicaBatcher:
         self._jobs: dict[int, _Job] = {}  # engine thread only: seq_id -> job
         self._steps = 0
         self._busy_s = 0.0
+        self._busy_cpu_s = 0.0
         self._rejected = 0
         self._snapshot = EngineSnapshot(kv_blocks_total=engine.pool.num_blocks)
         self._reported = (time.perf_counter(), 0, 0.0)  # (when, tokens, recurrences) of the last metrics report
@@ -175,36 +187,39 @@ class ReplicaBatcher:
 
         The first chunk comes as soon as the first token exists; later chunks at most every `min_interval_s`, or
         less often while other streams share the replica's `stream_chunks_per_s` (tokens in between are merged),
-        which bounds the messaging cost when the stream crosses processes.
+        which bounds the messaging cost when the stream crosses processes. The engine thread holds the tokens until
+        a chunk is due, so the event loop wakes once per chunk, not once per token (its wake-ups take the GIL from
+        the engine thread).
         With `tokens=False` only the Completion comes (no per-token work at all).
         """
+        async with contextlib.aclosing(self.stream_batches(req, min_interval_s, tokens=tokens)) as batches:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+    async def stream_batches(
+        self, req: GenerationRequest, min_interval_s: float = 0.0, *, tokens: bool = True
+    ) -> AsyncIterator[list[StreamChunk | Completion]]:
+        """`stream`'s events, grouped as they reach the consumer: each item is one StreamChunk, the Completion, or
+        the last StreamChunk and the Completion together. Across processes every item is a message, so a stream's
+        end costs one message, not two."""
         self._check(req)
-        loop = asyncio.get_running_loop()
-        job = _Job(req, self.tokenizer, tokens, loop)
-        self._put(job)
-        last_yield: float | None = None
+        job = _Job(req, self.tokenizer, tokens, asyncio.get_running_loop(), min_interval_s)
         if tokens:
             self._count_stream(+1)
         try:
+            self._put(job)
             while True:
-                interval = self._chunk_interval(min_interval_s) if tokens else 0.0
-                if last_yield is not None and interval > 0 and not job.finished.is_set():
-                    left = last_yield + interval - loop.time()
-                    if left > 0:
-                        try:
-                            await asyncio.wait_for(job.finished.wait(), left)
-                        except TimeoutError:
-                            pass
                 events = [await job.queue.get()]
                 while not job.queue.empty():
                     events.append(job.queue.get_nowait())
                 chunk, end = _merge(events)
-                if chunk.pieces:
-                    last_yield = loop.time()
-                    yield chunk
+                batch: list[StreamChunk | Completion] = [chunk] if chunk.pieces else []
                 if end is not None:
-                    yield end
+                    yield [*batch, end]
                     return
+                if batch:
+                    yield batch
         finally:
             if tokens:
                 self._count_stream(-1)
@@ -214,12 +229,11 @@ class ReplicaBatcher:
 
     async def generate(self, req: GenerationRequest) -> Completion:
         """Run one request to the end; the Completion carries the text."""
-        end: Completion | None = None
-        async for ev in self.stream(req, tokens=False):
-            if isinstance(ev, Completion):
-                end = ev
-        assert end is not None
-        return end
+        async with contextlib.aclosing(self.stream_batches(req, tokens=False)) as batches:
+            async for batch in batches:
+                if isinstance(batch[-1], Completion):
+                    return batch[-1]
+        raise AssertionError("a request's stream ended without its Completion")
 
     def close(self) -> None:
         """Stop the engine thread; requests still in flight fail with 503."""
@@ -301,9 +315,10 @@ class ReplicaBatcher:
                 for item in items:
                     self._apply(item)
                 if self.engine.has_work:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     events = self.engine.step()
                     self._busy_s += time.perf_counter() - t0
+                    self._busy_cpu_s += time.thread_time() - c0
                     self._steps += 1
                     self._dispatch(events)
                 self._publish(idle=not self.engine.has_work)
@@ -355,13 +370,14 @@ class ReplicaBatcher:
     def _dispatch(self, events: list[StepEvent]) -> None:
         out: list[tuple[_Job, list[Any]]] = []
         stop_ids = self.engine.stop_ids
+        now = time.perf_counter()
         for ev in events:
             job = self._jobs.get(ev.seq_id)
             if job is None:
                 continue
             msgs: list[Any] = []
             if ev.step is not None and job.first_token_s is None:
-                job.first_token_s = time.perf_counter() - job.arrived
+                job.first_token_s = now - job.arrived
             # The stop token ends the turn; like Engine.generate_batch, it is not part of the completion.
             stopped = False
             if ev.step is not None and ev.finish_reason == "stop" and ev.step.token in stop_ids:
@@ -373,8 +389,10 @@ class ReplicaBatcher:
                 job.pieces.append(piece)
                 job.text_len += len(piece)
                 stopped = self._match_stop(job, len(piece))
-                if job.streaming:
-                    msgs += self._release(job, final=stopped)
+                if job.streaming and not (stopped or ev.finished) and now >= job.next_chunk_at:
+                    msgs += self._release(job, final=False)
+                    if msgs:  # (a token ending inside a character, or maybe a stop string, is held: retry next step)
+                        job.next_chunk_at = now + self._chunk_interval(job.min_interval_s)
             if stopped and not ev.finished:  # a stop string: the engine row is freed at the next step
                 self.engine.cancel(ev.seq_id)
             if ev.finished or stopped:
@@ -469,6 +487,7 @@ class ReplicaBatcher:
             recurrences=s["mean_recur"] * s["tokens_generated"],
             steps=self._steps,
             busy_s=self._busy_s,
+            busy_cpu_s=self._busy_cpu_s,
             rejected=self._rejected,
         )
         self._snapshot = snap

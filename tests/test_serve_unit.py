@@ -490,16 +490,33 @@ def test_a_streamed_token_ending_inside_a_character_waits_for_its_text(engine: E
 def test_open_streams_share_the_replicas_chunk_budget(engine: Engine) -> None:
     """stream_chunks_per_s is shared by the open streams: four streams on a budget of 0.1 chunks/s may send a chunk
     every 40 s each, so each gets its first token at once and the rest merged into one chunk when it ends (the end
-    does not wait out the interval); without a budget a stream gets a chunk as tokens come."""
+    does not wait out the interval); without a budget a stream gets a chunk as tokens come. The engine thread holds
+    the tokens in between: the event loop is woken for the chunks, not for every token. The last chunk and the
+    Completion travel as one item of `stream_batches`."""
     reqs = [_req(engine, f"prompt {i}", 12, r=1) for i in range(4)]
     budgeted, _ = _batcher(engine, WIDE, stream_chunks_per_s=0.1)
     free, _ = _batcher(engine, WIDE)
+    wakeups = []
+    deliver = budgeted._deliver
+    budgeted._deliver = lambda items: (wakeups.append(len(items)), deliver(items))  # type: ignore[method-assign]
     for events in _stream_all(budgeted, reqs):
         *chunks, end = events
         assert isinstance(end, Completion) and end.completion_tokens == 12
         assert len(chunks) <= 2 and max(len(c.tokens) for c in chunks) >= 6  # (the first token may come alone)
         assert "".join(c.text for c in chunks) == end.text
     assert budgeted._open_streams == 0
+    assert 1 <= len(wakeups) <= 2 * len(reqs) < 12 * len(reqs)  # a first chunk and an end per stream, at most
+
+    async def all_batches() -> list[list[list[StreamChunk | Completion]]]:
+        async def of(req: GenerationRequest) -> list[list[StreamChunk | Completion]]:
+            return [b async for b in budgeted.stream_batches(req)]
+
+        return await asyncio.wait_for(asyncio.gather(*map(of, reqs)), 60)
+
+    for batches in asyncio.run(all_batches()):
+        *head, last = batches
+        assert len(head) <= 1 and all(len(b) == 1 and isinstance(b[0], StreamChunk) for b in head)
+        assert [type(e) for e in last] == [StreamChunk, Completion]  # the rest of the tokens, and the end, at once
     (*chunks, end), = _stream_all(free, reqs[:1])
     assert len(chunks) > 2 and "".join(c.text for c in chunks) == end.text
     with pytest.raises(ValueError, match="stream_chunks_per_s"):
