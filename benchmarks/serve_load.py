@@ -8,7 +8,9 @@
    http_stream  the same with `stream: true`
    Ratios are medians of per-round ratios. Besides tokens per wall second, tokens per CPU-second (client + proxy +
    ingress + replicas vs the bare Engine, from /proc) isolate the serving overhead from whatever else the machine
-   runs. The replica's engine reports its mean rows per step and how busy it was.
+   runs. The replica's engine reports its mean rows per step, how busy it was, and its step's wall and CPU time.
+   HTTP goes through Serve's proxy, or with `--direct-ingress` straight to the ingress replica (Ray Serve's
+   throughput-optimized mode, what `rnc serve deploy --direct-ingress` runs).
 2. Low budgets next to deep ones, interleaved in rounds (alone, mixed, alone, ...):
    one_replica  the `shared` tier (r 1-8, ONE replica, one engine): low-budget clients (max_recur 1) alone, then the
                 same clients while as many high-budget clients (max_recur 8) share the engine. The ratio of their p50
@@ -20,7 +22,8 @@ Weights are random (a checkpoint of `--preset` built on the fly): speed depends 
 learned. Prints one JSON object to stdout; never asserts on time.
 
     python benchmarks/serve_load.py [--quick] [--preset cpu-small] [--override n_embd=256 ...] [--concurrency 8]
-                                    [--max-tokens 64] [--duration 24] [--rounds 3]
+                                    [--max-tokens 64] [--duration 24] [--rounds 3] [--direct-ingress]
+                                    [--throughput-only]
 """
 
 from __future__ import annotations
@@ -263,7 +266,10 @@ def main() -> None:
                    help="tier stream_chunks_per_s (default: TierConfig's; 0 = no budget)")
     p.add_argument("--throughput-only", action="store_true", help="skip part 2 (low budgets next to deep ones)")
     p.add_argument("--port", type=int, default=8471)
-    p.add_argument("--client-port", type=int, default=None, help="port the clients call (default: --port)")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="Ray Serve's throughput-optimized mode (serve.config.direct_ingress_env): the clients call the "
+                   "ingress replica on --port, Serve's proxy moves to --port + 1 (what `rnc serve deploy "
+                   "--direct-ingress` runs)")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable of every replica (ServeConfig.env), e.g. a RAY_SERVE_* flag to measure")
     p.add_argument("--cluster-env", action="append", default=[], metavar="KEY=VALUE",
@@ -279,7 +285,7 @@ def main() -> None:
     from ray import serve
 
     from serve.app import build_app
-    from serve.config import ServeConfig
+    from serve.config import ServeConfig, direct_ingress_env
 
     # Ray prints some worker messages straight to fd 1: keep stdout for the one JSON object.
     sys.stdout.flush()
@@ -297,17 +303,25 @@ def main() -> None:
         app_config["checkpoint"] = str(ckpt)
         engine = load_engine_direct(ckpt)
         engine.generate_batch([prompt_ids(engine.tokenizer, 0)], max_tokens=4, num_recur=r)  # warm-up
-        # This process imported Serve's constants already; Ray's processes, started now, read these at their start.
-        os.environ.update(dict(item.split("=", 1) for item in args.cluster_env))
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        cluster_env = dict(item.split("=", 1) for item in args.cluster_env)
+        if args.direct_ingress:
+            cluster_env.update(direct_ingress_env(args.port))
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+            runtime_env={"env_vars": cluster_env},  # every Ray process of this cluster, not this driver
+        )
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+            serve.start(http_options={"host": "127.0.0.1", "port": args.port + args.direct_ingress})
             serve.run(
                 build_app(app_config),
                 name="bench",
                 route_prefix="/",
             )
-            base = f"http://127.0.0.1:{args.client_port or args.port}"
+            base = f"http://127.0.0.1:{args.port}"
             body = {"model": "bench", "max_tokens": args.max_tokens, "tier": "medium"}
             clients = {"medium": args.concurrency}
             asyncio.run(closed_loop(base, {"medium": body}, clients, min(3.0, window)))  # warm-up
@@ -365,6 +379,7 @@ def main() -> None:
                 "stream_chunks_per_s": ServeConfig.model_validate(app_config).tier("medium").stream_chunks_per_s,
                 "serve_env": app_config["env"],
                 "cluster_env": args.cluster_env,
+                "direct_ingress": args.direct_ingress,
             },
             "throughput": {
                 "tier": "medium",

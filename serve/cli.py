@@ -25,7 +25,7 @@ import yaml
 from checkpoints import CheckpointError
 from recursive_model.recurrence import EXIT_CRITERIA, DecodeSettings, ExitRule, exit_help
 
-from .config import ServeConfig, load_config
+from .config import ServeConfig, direct_ingress_env, load_config
 
 APP_BUILDER = "serve.app:build_app"
 
@@ -70,10 +70,27 @@ def _connect(address: str | None) -> None:
 
 
 def deploy(
-    cfg: ServeConfig, address: str | None = None, host: str = "0.0.0.0", port: int = 8000, block: bool | None = None
+    cfg: ServeConfig,
+    address: str | None = None,
+    host: str = "0.0.0.0",
+    port: int = 8000,
+    block: bool | None = None,
+    direct_ingress: bool = False,
 ) -> dict[str, Any]:
     """Deploy `cfg` (see the module docstring for `address`). Returns the application status. With no address,
-    `block` defaults to True: the local Ray cluster lives as long as this process."""
+    `block` defaults to True: the local Ray cluster lives as long as this process.
+
+    `direct_ingress`: start the local Ray in Ray Serve's throughput-optimized mode (`serve.config.direct_ingress_env`):
+    the ingress replica answers on `port` itself and Serve's proxy, which Ray still starts, moves to `port + 1`."""
+    if direct_ingress:
+        import ray
+
+        if address is not None or ray.is_initialized():
+            raise ValueError(
+                "direct_ingress needs the local Ray this command starts (no address): Ray reads the mode when its "
+                "processes start; on a running cluster set serve.config.direct_ingress_env(port) in their environment"
+            )
+        ray.init(address="local", runtime_env={"env_vars": direct_ingress_env(port)}, logging_level="WARNING")
     if address and address.startswith(("http://", "https://")):
         from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
@@ -85,14 +102,15 @@ def deploy(
     from .app import build_app
 
     _connect(address)
-    serve.start(http_options={"host": host, "port": port})  # ignored (with a warning) if Serve already runs
+    proxy_port = port + 1 if direct_ingress else port
+    serve.start(http_options={"host": host, "port": proxy_port})  # ignored (with a warning) if Serve already runs
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
-    host, port = _proxy_address(host, port)
-    info = {
-        "app": cfg.app_name,
-        "url": f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}{cfg.route_prefix}",
-        **status(None, cfg.app_name).get(cfg.app_name, {}),
-    }
+    if not direct_ingress:
+        host, port = _proxy_address(host, port)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}{cfg.route_prefix}"
+    if direct_ingress:
+        _check_direct_ingress(url, cfg)
+    info = {"app": cfg.app_name, "url": url, **status(None, cfg.app_name).get(cfg.app_name, {})}
     if block if block is not None else address is None:
         print(json.dumps(info, indent=2), flush=True)
         print(f"serving at {info['url']} (chat page there, API under v1/); Ctrl-C stops", flush=True)
@@ -103,6 +121,18 @@ def deploy(
         except KeyboardInterrupt:
             serve.shutdown()
     return info
+
+
+def _check_direct_ingress(url: str, cfg: ServeConfig) -> None:
+    """The ingress replica takes the next free port when `port` is busy: make sure `url` is this application."""
+    import httpx
+
+    try:
+        health = httpx.get(url.rstrip("/") + "/health", timeout=30).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise ValueError(f"nothing of ours answers at {url} ({exc}); is the port used by another program?") from exc
+    if health.get("model") != cfg.model_name:
+        raise ValueError(f"{url} answers for {health.get('model')!r}, not {cfg.model_name!r}: the port is taken")
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -201,7 +231,8 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     if args.write_config:
         write_serve_config(cfg, args.write_config, args.host, args.port)
         print(f"wrote {args.write_config}")
-    info = deploy(cfg, args.address, args.host, args.port, block=False if args.no_block else None)
+    block = False if args.no_block else None
+    info = deploy(cfg, args.address, args.host, args.port, block=block, direct_ingress=args.direct_ingress)
     print(json.dumps(info, indent=2))
     return 0
 
@@ -274,6 +305,12 @@ def add_serve_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--address", help="Ray address (auto, host:port, ray://...) or dashboard URL http://host:8265")
     p.add_argument("--write-config", metavar="PATH", help="also write the Serve config YAML to PATH")
     p.add_argument("--no-block", action="store_true", help="return after deploying even without --address")
+    p.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="local Ray only: Ray Serve's throughput-optimized mode, the ingress answers on --port itself (no proxy "
+        "hop; Serve's proxy moves to --port + 1)",
+    )
     p.set_defaults(func=_cmd_deploy)
 
     p = sub.add_parser("build", help="write the Serve config YAML for `serve deploy` / KubeRay RayService")

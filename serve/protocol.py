@@ -261,10 +261,15 @@ def chunk(
     return out
 
 
+# Characters JSON leaves raw but Python's str.splitlines (and so httpx's `iter_lines`) ends a line at: escaped, an
+# event stays one line for every client. JSON escapes the ASCII ones (\x0b, \x0c, \x1c-\x1e) itself.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(data: dict[str, Any] | str) -> bytes:
     """One server-sent event."""
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {payload}\n\n".encode()
+    return f"data: {payload.translate(_LINE_BREAKS)}\n\n".encode()
 
 
 def _mean(values: list[int]) -> float:

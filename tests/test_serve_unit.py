@@ -27,7 +27,7 @@ from serve.completions import CompletionPlanner, CompletionStreamFormatter
 from serve.config import ServeConfig, TierConfig, load_config
 from serve.generation import Completion, GenerationRequest, StreamChunk, TokenDecoder, find_stop
 from serve.loading import load_engine, load_tokenizer_and_config, replica_engine
-from serve.protocol import parse_chat_request, parse_completion_request
+from serve.protocol import parse_chat_request, parse_completion_request, sse
 from serve.router import Budget, BudgetRouter, RequestError, merge_budgets, model_budget
 from serve.service import ChatPlanner, StreamFormatter, error_response
 from tests.serve_fixtures import make_tiny_checkpoint
@@ -1049,3 +1049,14 @@ def test_chat_flags_change_only_what_they_name() -> None:
         decode("--kv-cache", "ring:x")
     with pytest.raises(SystemExit):
         decode("--exit", "entropy:1")  # not a registered criterion: argparse refuses it with the reason
+
+
+def test_a_server_sent_event_is_one_line_for_splitlines_clients() -> None:
+    """Generated text may hold characters JSON leaves raw but str.splitlines (httpx's iter_lines) breaks lines at
+    (NEL, U+2028, U+2029): they are escaped, so the event stays one line and decodes to the same text."""
+    text = "a\x85b\u2028c\u2029d\x1ce\x0bf\u00e9\n"
+    event = sse({"token_text": [text]}).decode()
+    lines = event.splitlines()
+    assert lines[0].startswith("data: ") and lines[1:] == [""]  # the payload line, then the blank line ending it
+    assert json.loads(lines[0][6:]) == {"token_text": [text]}
+    assert "\u00e9" in event  # the rest stays unescaped
