@@ -505,7 +505,7 @@ def test_open_streams_share_the_replicas_chunk_budget(engine: Engine) -> None:
         assert len(chunks) <= 2 and max(len(c.tokens) for c in chunks) >= 6  # (the first token may come alone)
         assert "".join(c.text for c in chunks) == end.text
     assert budgeted._open_streams == 0
-    assert 1 <= len(wakeups) <= 2 * len(reqs) < 12 * len(reqs)  # a first chunk and an end per stream, at most
+    assert 1 <= len(wakeups) <= 2 * len(reqs)  # a first chunk and an end per stream at most (not one per step)
 
     async def all_batches() -> list[list[list[StreamChunk | Completion]]]:
         async def of(req: GenerationRequest) -> list[list[StreamChunk | Completion]]:
