@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +22,19 @@ import yaml
 from tests.serve_fixtures import AUTH_TOKEN, free_port, make_tiny_checkpoint, serve_test_config
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def two_free_ports() -> int:
+    """A port P with P + 1 free too (the ingress takes P, Serve's proxy P + 1)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
 
 
 def listener_cmdline(port: int) -> str:
@@ -47,7 +61,7 @@ def test_direct_ingress_answers_and_streams_without_the_proxy(tmp_path: Path) ->
     for tier in config["tiers"]:  # one replica each is enough here
         tier["autoscaling"] = {"min_replicas": 1, "max_replicas": 1}
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
-    port = free_port()
+    port = two_free_ports()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the tests' cluster
     cmd = [sys.executable, "-m", "serve.cli", "serve", "deploy", "--config", str(tmp_path / "serve.yaml")]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--direct-ingress"]
