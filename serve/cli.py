@@ -297,8 +297,10 @@ def add_serve_subcommands(subparsers: argparse._SubParsersAction) -> None:
     def config_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--checkpoint", help="checkpoint URI (s3://... or a local directory); overrides the config")
         p.add_argument("--config", help="serve YAML (ServeConfig: tiers, limits, auth); default: built-in tiers")
-        p.add_argument("--host", default="0.0.0.0", help="HTTP bind address of the Serve proxies")
-        p.add_argument("--port", type=int, default=8000, help="HTTP port of the Serve proxies")
+        p.add_argument("--host", default="0.0.0.0", help="HTTP bind address (Serve's proxies, or the ingress)")
+        p.add_argument(
+            "--port", type=int, default=8000, help="HTTP port of the Serve proxies (with --direct-ingress: the ingress)"
+        )
 
     p = sub.add_parser("deploy", help="deploy locally (blocks) or to a cluster (--address)")
     config_args(p)
