@@ -90,7 +90,10 @@ def deploy(
                 "direct_ingress needs the local Ray this command starts (no address): Ray reads the mode when its "
                 "processes start; on a running cluster set serve.config.direct_ingress_env(port) in their environment"
             )
-        ray.init(address="local", runtime_env={"env_vars": direct_ingress_env(port)}, logging_level="WARNING")
+        # Ray keeps a stopping ingress up for 30 s so that a load balancer in front stops routing to it first; a
+        # local deploy has none, and Ctrl-C should not wait for it.
+        env = {**direct_ingress_env(port), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+        ray.init(address="local", runtime_env={"env_vars": env}, logging_level="WARNING")
     if address and address.startswith(("http://", "https://")):
         from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
