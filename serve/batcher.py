@@ -82,7 +82,7 @@ class _Job:
         self.next_chunk_at = 0.0  # engine thread: perf_counter time before which new tokens are held (merged)
         self.loop = loop
         self.queue: asyncio.Queue[StreamChunk | Completion | _Failed] = asyncio.Queue()
-        self.finished = asyncio.Event()  # set once the Completion (or failure) is queued
+        self.finished = False  # event loop: the Completion (or failure) is queued
         self.decoder = TokenDecoder(tokenizer)
         self.arrived = time.perf_counter()
         self.first_token_s: float | None = None
@@ -223,7 +223,7 @@ class ReplicaBatcher:
         finally:
             if tokens:
                 self._count_stream(-1)
-            if not job.finished.is_set():
+            if not job.finished:
                 self._put(_Cancel(job), quiet=True)  # the consumer went away: free its row at the next step
             job.done = True
 
@@ -301,7 +301,7 @@ class ReplicaBatcher:
             for ev in events:
                 job.queue.put_nowait(ev)
                 if isinstance(ev, Completion | _Failed):
-                    job.finished.set()
+                    job.finished = True
 
     # -------------------------------------------------------------------------------------- engine-thread side
     def _run(self) -> None:
@@ -390,8 +390,8 @@ class ReplicaBatcher:
                 job.text_len += len(piece)
                 stopped = self._match_stop(job, len(piece))
                 if job.streaming and not (stopped or ev.finished) and now >= job.next_chunk_at:
-                    msgs += self._release(job, final=False)
-                    if msgs:  # (a token ending inside a character, or maybe a stop string, is held: retry next step)
+                    msgs = self._release(job, final=False)  # empty while the text is held: retried next step
+                    if msgs:
                         job.next_chunk_at = now + self._chunk_interval(job.min_interval_s)
             if stopped and not ev.finished:  # a stop string: the engine row is freed at the next step
                 self.engine.cancel(ev.seq_id)

@@ -44,10 +44,11 @@ def listener_cmdline(port: int) -> str:
         fields = line.split()
         if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":  # local port, state LISTEN
             inodes.add(fields[9])
+    sockets = {f"socket:[{i}]" for i in inodes}
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
         try:
             for fd in fd_dir.iterdir():
-                if os.readlink(fd) in {f"socket:[{i}]" for i in inodes}:
+                if os.readlink(fd) in sockets:
                     return (fd_dir.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
