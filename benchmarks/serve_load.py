@@ -200,9 +200,9 @@ async def closed_loop(
     return out
 
 
-def serve_config(ckpt: Path, concurrency: int, max_tokens: int, stream: dict[str, Any]) -> dict[str, Any]:
+def serve_config(ckpt: Path, concurrency: int, max_tokens: int, tier_extra: dict[str, Any]) -> dict[str, Any]:
     """One replica per tier, each as many engine rows as clients can send it; single-r tiers plus the shared one.
-    `stream`: the tiers' stream_* settings."""
+    `tier_extra`: more TierConfig settings of every tier (stream_*, engine_cpus)."""
 
     def tier(name: str, r_min: int, r_max: int) -> dict[str, Any]:
         return {
@@ -214,7 +214,7 @@ def serve_config(ckpt: Path, concurrency: int, max_tokens: int, stream: dict[str
             "max_running": concurrency,
             "max_waiting": concurrency,
             "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-            **stream,
+            **tier_extra,
         }
 
     return {
@@ -270,6 +270,10 @@ def main() -> None:
                    help="Ray Serve's throughput-optimized mode (serve.config.direct_ingress_env): the clients call the "
                    "ingress replica on --port, Serve's proxy moves to --port + 1 (what `rnc serve deploy "
                    "--direct-ingress` runs)")
+    p.add_argument("--engine-cpus", default=None, metavar="CPUS",
+                   help="every tier's engine_cpus (serve.affinity), e.g. 1, and the local Ray's processes on the other "
+                   "CPUs, as `rnc serve deploy --engine-cpus` does; the load client runs there too, the direct engine "
+                   "on these CPUs. The by-tier part of the low-budget test then runs two busy engines on them")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable of every replica (ServeConfig.env), e.g. a RAY_SERVE_* flag to measure")
     p.add_argument("--cluster-env", action="append", default=[], metavar="KEY=VALUE",
@@ -284,6 +288,7 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from serve.affinity import cpus_left, parse_cpus, pin_current_thread, running_on
     from serve.app import build_app
     from serve.config import ServeConfig, direct_ingress_env
 
@@ -293,10 +298,12 @@ def main() -> None:
     os.dup2(2, 1)
     r = TIERS["medium"]
     window = args.duration / args.rounds
-    stream = {} if args.stream_interval is None else {"stream_interval_s": args.stream_interval}
+    tier_extra: dict[str, Any] = {} if args.stream_interval is None else {"stream_interval_s": args.stream_interval}
     if args.stream_chunks_per_s is not None:
-        stream["stream_chunks_per_s"] = args.stream_chunks_per_s or None
-    app_config = serve_config(Path("ckpt"), args.concurrency, args.max_tokens, stream)
+        tier_extra["stream_chunks_per_s"] = args.stream_chunks_per_s or None
+    if args.engine_cpus is not None:
+        tier_extra["engine_cpus"] = args.engine_cpus
+    app_config = serve_config(Path("ckpt"), args.concurrency, args.max_tokens, tier_extra)
     app_config["env"] = dict(item.split("=", 1) for item in args.serve_env)
     with tempfile.TemporaryDirectory(prefix="rnc-bench-") as tmp:
         ckpt = build_checkpoint(Path(tmp) / "ckpt", args.preset, overrides)
@@ -306,14 +313,21 @@ def main() -> None:
         cluster_env = dict(item.split("=", 1) for item in args.cluster_env)
         if args.direct_ingress:
             cluster_env.update(direct_ingress_env(args.port))
-        ray.init(
-            address="local",
-            num_cpus=4,
-            include_dashboard=False,
-            logging_level="ERROR",
-            log_to_driver=False,
-            runtime_env={"env_vars": cluster_env},  # every Ray process of this cluster, not this driver
-        )
+        # With --engine-cpus, everything but the engines runs on the other CPUs: Ray's processes, and this process
+        # as the load client (a stand-in for clients on other machines); the direct engine runs on the engines' CPUs.
+        engine_cpus = None if args.engine_cpus is None else parse_cpus(args.engine_cpus)
+        others = None if engine_cpus is None else cpus_left("--engine-cpus", engine_cpus)
+        with running_on(others):
+            ray.init(
+                address="local",
+                num_cpus=4,
+                include_dashboard=False,
+                logging_level="ERROR",
+                log_to_driver=False,
+                runtime_env={"env_vars": cluster_env},  # every Ray process of this cluster, not this driver
+            )
+        if others is not None:
+            pin_current_thread(others)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": args.port + args.direct_ingress})
             serve.run(
@@ -326,9 +340,11 @@ def main() -> None:
             clients = {"medium": args.concurrency}
             asyncio.run(closed_loop(base, {"medium": body}, clients, min(3.0, window)))  # warm-up
             medium = serve.get_deployment_handle("tier-medium", app_name="bench")
+            medium_cpus = medium.info.remote().result()["engine_cpus"]  # what the replica really pinned
             rounds: dict[str, list[float]] = {"direct": [], "direct_cpu": []}
             for _ in range(args.rounds):  # direct, HTTP and HTTP streaming alternate: drift hits all alike
-                tps, tpc = engine_direct(engine, args.concurrency, args.max_tokens, r, window)
+                with running_on(engine_cpus):  # the bare engine on the CPUs a served one gets
+                    tps, tpc = engine_direct(engine, args.concurrency, args.max_tokens, r, window)
                 rounds["direct"].append(tps)
                 rounds["direct_cpu"].append(tpc)
                 for key, b in (("http", body), ("stream", {**body, "stream": True})):
@@ -380,10 +396,12 @@ def main() -> None:
                 "serve_env": app_config["env"],
                 "cluster_env": args.cluster_env,
                 "direct_ingress": args.direct_ingress,
+                "engine_cpus": args.engine_cpus,
             },
             "throughput": {
                 "tier": "medium",
                 "r": r,
+                "medium_engine_cpus": medium_cpus,
                 "engine_direct_tokens_per_s": round(median(rounds["direct"]), 1),
                 "http_tokens_per_s": round(median(rounds["http"]), 1),
                 "http_stream_tokens_per_s": round(median(rounds["stream_http"]), 1),

@@ -32,6 +32,7 @@ from ray.serve import Application
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from .affinity import format_cpus, resolve_cpus
 from .batcher import ReplicaBatcher
 from .completions import CompletionPlanner, CompletionStreamFormatter
 from .config import ServeConfig, format_validation_error
@@ -58,6 +59,8 @@ class TierModel:
 
         cfg = ServeConfig.model_validate(config)
         self.tier = cfg.tier(tier)
+        cpus = self.tier.engine_cpus
+        engine_cpus = None if cpus is None else resolve_cpus(f"tier {tier!r}: engine_cpus", cpus)
         torch.set_num_threads(self.tier.torch_threads)
         loaded, engine = replica_engine(cfg.checkpoint, cfg.cache_dir, self.tier)
         if self.tier.r_max > loaded.config.recurrence.r_max:
@@ -72,6 +75,7 @@ class TierModel:
             TierMetrics(tier),
             retry_after_s=self.tier.retry_after_s,
             stream_chunks_per_s=self.tier.stream_chunks_per_s,
+            engine_cpus=engine_cpus,
         )
 
     async def generate(self, request: GenerationRequest) -> Completion:
@@ -95,6 +99,7 @@ class TierModel:
             "tier": self.tier.name,
             "actor_name": ctx.get_actor_name(),
             "pid": os.getpid(),
+            "engine_cpus": format_cpus(self.batcher.engine_cpus()),
             **dataclasses.asdict(self.batcher.stats()),
         }
 

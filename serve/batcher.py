@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from recursive_model.batching import ContinuousEngine, QueueFull, StepEvent
 
+from .affinity import pin_current_thread, thread_cpus
 from .generation import Completion, GenerationRequest, StreamChunk, TokenDecoder, find_stop
 from .router import RequestError
 from .scoring import ScoreRequest, TokenScores, score_tokens
@@ -110,6 +111,8 @@ class ReplicaBatcher:
     each stream's chunks come at most every max(min_interval_s, open streams / stream_chunks_per_s) seconds. Every
     chunk costs milliseconds of CPU on each process it crosses (replica, ingress, proxy), so under load chunks merge
     more tokens instead of that cost growing with the number of streams; alone, a stream keeps its min_interval_s.
+    `engine_cpus`: the CPUs the engine thread (and the torch threads it starts) runs on; None = anywhere (see
+    serve.affinity; check them with `resolve_cpus` first).
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class ReplicaBatcher:
         retry_after_s: int = 1,
         stats_interval_s: float = 0.5,
         stream_chunks_per_s: float | None = None,
+        engine_cpus: frozenset[int] | None = None,
     ):
         if stream_chunks_per_s is not None and stream_chunks_per_s <= 0:
             raise ValueError(f"stream_chunks_per_s={stream_chunks_per_s}; must be > 0 (or None: no budget)")
@@ -140,7 +144,7 @@ class ReplicaBatcher:
         self._rejected = 0
         self._snapshot = EngineSnapshot(kv_blocks_total=engine.pool.num_blocks)
         self._reported = (time.perf_counter(), 0, 0.0)  # (when, tokens, recurrences) of the last metrics report
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(engine_cpus,), name="engine", daemon=True)
         self._thread.start()
         # Scoring forwards run on their own thread, one at a time: they only read the weights, so they never race
         # the engine's step, and a burst of them takes one core rather than all of them.
@@ -174,6 +178,10 @@ class ReplicaBatcher:
         if self.metrics is not None:
             self.metrics.tokens_scored(len(req.ids), req.num_recur)
         return scores
+
+    def engine_cpus(self) -> frozenset[int]:
+        """The CPUs the engine thread may run on now."""
+        return thread_cpus(self._thread)
 
     def healthy(self) -> bool:
         """False once the engine thread stopped (the replica should then be replaced)."""
@@ -304,9 +312,11 @@ class ReplicaBatcher:
                     job.finished = True
 
     # -------------------------------------------------------------------------------------- engine-thread side
-    def _run(self) -> None:
+    def _run(self, cpus: frozenset[int] | None) -> None:
         pending: list[_Job] = []  # submissions that arrived with the close: they still get an answer
         try:
+            if cpus is not None:
+                pin_current_thread(cpus)
             while True:
                 items, closed = self._take_inbox(block=not self.engine.has_work)
                 if closed:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import signal
 import sys
 import time
@@ -25,6 +26,7 @@ import yaml
 from checkpoints import CheckpointError
 from recursive_model.recurrence import EXIT_CRITERIA, DecodeSettings, ExitRule, exit_help
 
+from .affinity import cpus_left, running_on, resolve_cpus
 from .config import ServeConfig, direct_ingress_env, load_config
 
 APP_BUILDER = "serve.app:build_app"
@@ -81,10 +83,16 @@ def deploy(
     `block` defaults to True: the local Ray cluster lives as long as this process.
 
     `direct_ingress`: start the local Ray in Ray Serve's throughput-optimized mode (`serve.config.direct_ingress_env`):
-    the ingress replica answers on `port` itself and Serve's proxy, which Ray still starts, moves to `port + 1`."""
-    if direct_ingress:
-        import ray
+    the ingress replica answers on `port` itself and Serve's proxy, which Ray still starts, moves to `port + 1`.
+    When tiers reserve CPUs for their engines (`TierConfig.engine_cpus`), a local Ray this starts runs its processes
+    (the proxy, the ingress, the controller and the replicas' other threads) on the CPUs left."""
+    import ray
 
+    others = None
+    if address is None and not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):  # Ray starts here
+        reserved = [resolve_cpus(f"tier {t.name!r}: engine_cpus", t.engine_cpus) for t in cfg.tiers if t.engine_cpus]
+        others = cpus_left("engine_cpus", frozenset().union(*reserved)) if reserved else None
+    if direct_ingress:
         if address is not None or ray.is_initialized():
             raise ValueError(
                 "direct_ingress needs the local Ray this command starts (no address): Ray reads the mode when its "
@@ -93,7 +101,8 @@ def deploy(
         # Ray keeps a stopping ingress up for 30 s so that a load balancer in front stops routing to it first; a
         # local deploy has none, and Ctrl-C should not wait for it.
         env = {**direct_ingress_env(port), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
-        ray.init(address="local", runtime_env={"env_vars": env}, logging_level="WARNING")
+        with running_on(others):
+            ray.init(address="local", runtime_env={"env_vars": env}, logging_level="WARNING")
     if address and address.startswith(("http://", "https://")):
         from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
@@ -104,7 +113,8 @@ def deploy(
 
     from .app import build_app
 
-    _connect(address)
+    with running_on(others):
+        _connect(address)
     proxy_port = port + 1 if direct_ingress else port
     serve.start(http_options={"host": host, "port": proxy_port})  # ignored (with a warning) if Serve already runs
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
@@ -225,7 +235,10 @@ def _one_line_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpa
 
 
 def _config_from_args(args: argparse.Namespace) -> ServeConfig:
-    return load_config(args.config, checkpoint=args.checkpoint)
+    cfg = load_config(args.config, checkpoint=args.checkpoint)
+    if args.engine_cpus is not None:
+        cfg = cfg.with_engine_cpus(args.engine_cpus)
+    return cfg
 
 
 @_one_line_errors
@@ -303,6 +316,12 @@ def add_serve_subcommands(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--host", default="0.0.0.0", help="HTTP bind address (Serve's proxies, or the ingress)")
         p.add_argument(
             "--port", type=int, default=8000, help="HTTP port of the Serve proxies (with --direct-ingress: the ingress)"
+        )
+        p.add_argument(
+            "--engine-cpus",
+            metavar="CPUS",
+            help="every tier's engine_cpus: its engine thread runs on these CPUs (e.g. 1 or 2-7), and a local Ray's "
+            "other processes on the rest",
         )
 
     p = sub.add_parser("deploy", help="deploy locally (blocks) or to a cluster (--address)")

@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from recursive_model.recurrence import EXIT_CRITERIA, DecodeSettings, ExitRule, parse_kv_cache
 from recursive_model.yaml_config import format_validation_error, read_yaml_mapping
 
+from .affinity import parse_cpus
+
 DEFAULT_AUTH_TOKEN_ENV = "RNC_SERVE_TOKEN"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
@@ -89,6 +91,11 @@ class TierConfig(_Strict):
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica (fractions allowed)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per replica; >1 oversubscribes small CPUs")
+    engine_cpus: str | None = Field(
+        None,
+        description="CPUs (cpuset list: '1', '2-7') the replica's engine thread and its torch threads run on, e.g. "
+        "cores kept free of Ray's other processes (serve.affinity); null = wherever the OS puts it",
+    )
     compile_decode: bool = Field(
         False,
         description="torch.compile one-token decoding in each replica (GPT.compile_decode: a whole-token graph per "
@@ -146,6 +153,13 @@ class TierConfig(_Strict):
     def _check_name(cls, v: str) -> str:
         if not _NAME_RE.match(v):
             raise ValueError(f"tier name {v!r} must match {_NAME_RE.pattern} (it becomes a deployment and URL name)")
+        return v
+
+    @field_validator("engine_cpus")
+    @classmethod
+    def _check_engine_cpus(cls, v: str | None) -> str | None:
+        if v is not None:  # syntax only: which CPUs a node has is checked where the replica starts (resolve_cpus)
+            parse_cpus(v)
         return v
 
     @field_validator("kv_cache")
@@ -340,6 +354,13 @@ class ServeConfig(_Strict):
     def replica_env(self) -> dict[str, str]:
         """What every replica's runtime_env sets: REPLICA_ENV, then `env` (which wins on a shared key)."""
         return {**REPLICA_ENV, **self.env}
+
+    def with_engine_cpus(self, cpus: str | None) -> ServeConfig:
+        """This config with every tier's engine_cpus set to `cpus` (validated like the YAML field)."""
+        data = self.model_dump(mode="json")
+        for t in data["tiers"]:
+            t["engine_cpus"] = cpus
+        return ServeConfig.model_validate(data)
 
     def tier(self, name: str) -> TierConfig:
         for t in self.tiers:

@@ -55,8 +55,9 @@ def load_engine(uri: str, cache_dir: str | os.PathLike[str] | None = None, devic
     return LoadedModel(Engine(loaded.model, loaded.tokenizer), loaded.config, loaded.tokenizer, loaded.meta, ckpt.path)
 
 
-def replica_engine(uri: str, cache_dir: str | os.PathLike[str] | None, tier: TierConfig) -> tuple[LoadedModel,
-                                                                                                   ContinuousEngine]:
+def replica_engine(
+    uri: str, cache_dir: str | os.PathLike[str] | None, tier: TierConfig
+) -> tuple[LoadedModel, ContinuousEngine]:
     """What one replica of `tier` serves: the checkpoint on the tier's device (CUDA when the tier reserves GPUs), its
     one-token decode compiled when `tier.compile_decode`, behind one ContinuousEngine sized by the tier."""
     import torch

@@ -1,7 +1,8 @@
-"""`rnc serve deploy --direct-ingress`: a local Ray in Ray Serve's throughput-optimized mode, where the ingress replica
-answers HTTP itself. Runs the command in a subprocess (its own Ray, started with the mode's environment), then checks
-that a plain and a streamed chat completion come back, and that the process listening on the port is the ingress
-replica, not Serve's proxy."""
+"""`rnc serve deploy --direct-ingress --engine-cpus N`: a local Ray in Ray Serve's throughput-optimized mode, where the
+ingress replica answers HTTP itself. Runs the command in a subprocess (its own Ray, started with the mode's
+environment), then checks that a plain and a streamed chat completion come back, that the process listening on the
+port is the ingress replica, not Serve's proxy, and (with two CPUs or more) that each tier's engine thread runs on CPU
+N while the ingress and the proxy run elsewhere."""
 
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ def two_free_ports() -> int:
     raise RuntimeError("no two consecutive free ports on 127.0.0.1")
 
 
-def listener_cmdline(port: int) -> str:
-    """The command line of the process listening on 127.0.0.1:`port` (Linux /proc)."""
+def listener_pid(port: int) -> int | None:
+    """The process listening on 127.0.0.1:`port` (Linux /proc)."""
     inodes = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
@@ -49,10 +50,27 @@ def listener_cmdline(port: int) -> str:
         try:
             for fd in fd_dir.iterdir():
                 if os.readlink(fd) in sockets:
-                    return (fd_dir.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    return int(fd_dir.parent.name)
         except OSError:
             continue
-    return ""
+    return None
+
+
+def cmdline(pid: int | None) -> str:
+    return "" if pid is None else Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def tier_replicas_by_pinning(cpus: set[int]) -> tuple[int, int]:
+    """(tier replica processes, those with a thread, the engine's, that may run on exactly `cpus`) (Linux /proc)."""
+    replicas = pinned = 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if "ServeReplica" in cmdline(int(proc.name)) and ":tier-" in cmdline(int(proc.name)):
+                replicas += 1
+                pinned += any(os.sched_getaffinity(int(t.name)) == cpus for t in (proc / "task").iterdir())
+        except OSError:
+            continue
+    return replicas, pinned
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the listening process from Linux /proc")
@@ -66,6 +84,10 @@ def test_direct_ingress_answers_and_streams_without_the_proxy(tmp_path: Path) ->
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the tests' cluster
     cmd = [sys.executable, "-m", "serve.cli", "serve", "deploy", "--config", str(tmp_path / "serve.yaml")]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--direct-ingress"]
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    engine_cpu = cpus[-1] if len(cpus) >= 2 else None  # the engines get the last CPU, Ray the others
+    if engine_cpu is not None:
+        cmd += ["--engine-cpus", str(engine_cpu)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     ready = threading.Event()
@@ -83,8 +105,13 @@ def test_direct_ingress_answers_and_streams_without_the_proxy(tmp_path: Path) ->
             assert proc.poll() is None, "rnc serve deploy exited:\n" + "".join(lines[-40:])
             assert time.monotonic() < deadline, "not serving after 240 s:\n" + "".join(lines[-40:])
         assert f"http://127.0.0.1:{port}/" in "".join(lines)
-        assert "ServeReplica" in listener_cmdline(port) and "ingress" in listener_cmdline(port)
-        assert "ProxyActor" in listener_cmdline(port + 1)  # Ray still starts its proxy; it moved out of the way
+        ingress, proxy = listener_pid(port), listener_pid(port + 1)
+        assert "ServeReplica" in cmdline(ingress) and "ingress" in cmdline(ingress)
+        assert "ProxyActor" in cmdline(proxy)  # Ray still starts its proxy; it moved out of the way
+        if engine_cpu is not None:  # each tier's engine thread on its CPU; Ray's processes off it
+            assert tier_replicas_by_pinning({engine_cpu}) == (len(config["tiers"]), len(config["tiers"]))
+            for pid in (ingress, proxy):
+                assert engine_cpu not in os.sched_getaffinity(pid)  # type: ignore[arg-type]
 
         base, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {AUTH_TOKEN}"}
         body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "max_recur": 4}

@@ -145,6 +145,7 @@ def test_example_config_is_valid() -> None:
         ),
         ([], {}, "tiers"),
         ([{"name": "a", "r_max": 2}], {"ingress": {"tier_transport": "http"}}, "ingress.tier_transport"),
+        ([{"name": "a", "r_max": 2, "engine_cpus": "3-1"}], {}, "tiers[0].engine_cpus"),
     ],
 )
 def test_config_errors_name_the_field(tmp_path: Path, tiers: list, extra: dict, field: str) -> None:
