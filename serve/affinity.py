@@ -1,11 +1,11 @@
-"""CPU affinity of a tier's engine thread and of the ingress process (Linux).
+"""CPU affinity of a tier's engine thread and of the processes a local Ray starts (Linux).
 
 A replica's engine thread computes every step of every request it serves; everything else on a serving node (Serve's
 proxy, the ingress, Ray's daemons, the replica's own event loop) does a little work per request or per chunk. Left to
-the scheduler, that work lands on the engine's core as often as not: the step waits for the core, and when the
-engine thread moves to the other core its caches go cold. On a small node this is most of what serving costs over
+the scheduler, that work often lands on the engine's core: the step waits for the core, and when the
+engine thread moves to the other core its caches go cold. On a small node this is much of what serving costs over
 the bare engine. With `TierConfig.engine_cpus` the engine thread (and the torch threads it starts) keeps its own
-cores; `rnc serve deploy --engine-cpus` also starts the local Ray's processes on the other cores, so nothing else
+cores; `rnc serve deploy --engine-cpus` also starts the local Ray's processes on the other cores, so none of them
 runs on the engine's. On a cluster, start Ray under `taskset -c <other cores> ray start ...` for the same. Measured
 on 2 cores at concurrency 8 by `benchmarks/serve_load.py --engine-cpus 1` (docs/LOG.md, 2026-12-07, night).
 
