@@ -317,17 +317,16 @@ def main() -> None:
         # as the load client (a stand-in for clients on other machines); the direct engine runs on the engines' CPUs.
         engine_cpus = None if args.engine_cpus is None else parse_cpus(args.engine_cpus)
         others = None if engine_cpus is None else cpus_left("--engine-cpus", engine_cpus)
-        with running_on(others):
-            ray.init(
-                address="local",
-                num_cpus=4,
-                include_dashboard=False,
-                logging_level="ERROR",
-                log_to_driver=False,
-                runtime_env={"env_vars": cluster_env},  # every Ray process of this cluster, not this driver
-            )
         if others is not None:
-            pin_current_thread(others)
+            pin_current_thread(others)  # before ray.init: Ray's processes inherit it
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+            runtime_env={"env_vars": cluster_env},  # every Ray process of this cluster, not this driver
+        )
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": args.port + args.direct_ingress})
             serve.run(

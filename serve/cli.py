@@ -26,7 +26,7 @@ import yaml
 from checkpoints import CheckpointError
 from recursive_model.recurrence import EXIT_CRITERIA, DecodeSettings, ExitRule, exit_help
 
-from .affinity import cpus_left, running_on, resolve_cpus
+from .affinity import cpus_left, resolve_cpus, running_on
 from .config import ServeConfig, direct_ingress_env, load_config
 
 APP_BUILDER = "serve.app:build_app"
@@ -92,17 +92,11 @@ def deploy(
     if address is None and not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):  # Ray starts here
         reserved = [resolve_cpus(f"tier {t.name!r}: engine_cpus", t.engine_cpus) for t in cfg.tiers if t.engine_cpus]
         others = cpus_left("engine_cpus", frozenset().union(*reserved)) if reserved else None
-    if direct_ingress:
-        if address is not None or ray.is_initialized():
-            raise ValueError(
-                "direct_ingress needs the local Ray this command starts (no address): Ray reads the mode when its "
-                "processes start; on a running cluster set serve.config.direct_ingress_env(port) in their environment"
-            )
-        # Ray keeps a stopping ingress up for 30 s so that a load balancer in front stops routing to it first; a
-        # local deploy has none, and Ctrl-C should not wait for it.
-        env = {**direct_ingress_env(port), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
-        with running_on(others):
-            ray.init(address="local", runtime_env={"env_vars": env}, logging_level="WARNING")
+    if direct_ingress and (address is not None or ray.is_initialized()):
+        raise ValueError(
+            "direct_ingress needs the local Ray this command starts (no address): Ray reads the mode when its "
+            "processes start; on a running cluster set serve.config.direct_ingress_env(port) in their environment"
+        )
     if address and address.startswith(("http://", "https://")):
         from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
@@ -114,7 +108,13 @@ def deploy(
     from .app import build_app
 
     with running_on(others):
-        _connect(address)
+        if direct_ingress:
+            # Ray keeps a stopping ingress up for 30 s so that a load balancer in front stops routing to it first; a
+            # local deploy has none, and Ctrl-C should not wait for it.
+            env = {**direct_ingress_env(port), "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+            ray.init(address="local", runtime_env={"env_vars": env}, logging_level="WARNING")
+        else:
+            _connect(address)
     proxy_port = port + 1 if direct_ingress else port
     serve.start(http_options={"host": host, "port": proxy_port})  # ignored (with a warning) if Serve already runs
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)

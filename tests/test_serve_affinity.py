@@ -12,7 +12,7 @@ import pytest
 from recursive_model.batching import ContinuousEngine, SamplingParams
 from recursive_model.engine import Engine
 from recursive_model.recurrence import DecodeSettings
-from serve.affinity import cpus_left, format_cpus, parse_cpus, permitted_cpus, running_on, resolve_cpus
+from serve.affinity import cpus_left, format_cpus, parse_cpus, permitted_cpus, resolve_cpus, running_on
 from serve.batcher import ReplicaBatcher
 from serve.config import ServeConfig, TierConfig
 from serve.generation import GenerationRequest
