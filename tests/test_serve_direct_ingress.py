@@ -65,7 +65,8 @@ def tier_replicas_by_pinning(cpus: set[int]) -> tuple[int, int]:
     replicas = pinned = 0
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if "ServeReplica" in cmdline(int(proc.name)) and ":tier-" in cmdline(int(proc.name)):
+            cmd = cmdline(int(proc.name))
+            if "ServeReplica" in cmd and ":tier-" in cmd:
                 replicas += 1
                 pinned += any(os.sched_getaffinity(int(t.name)) == cpus for t in (proc / "task").iterdir())
         except OSError:
