@@ -145,6 +145,7 @@ _SERVE_PROCS = [
     (b"ray::ProxyActor", "proxy"),
     (b"ray::ServeReplica:bench:ingress", "ingress"),
     (b"ray::ServeReplica:bench:tier-", "tiers"),
+    (b"serve.engine_process", "tiers"),  # a tier replica's engine process (TierConfig.engine_process)
     (b"ray::ServeController", "controller"),
 ]
 
@@ -274,6 +275,9 @@ def main() -> None:
                    help="every tier's engine_cpus (serve.affinity), e.g. 1, and the local Ray's processes on the other "
                    "CPUs, as `rnc serve deploy --engine-cpus` does; the load client runs there too, the direct engine "
                    "on these CPUs. The by-tier part of the low-budget test then runs two busy engines on them")
+    p.add_argument("--engine-in-thread", action="store_true",
+                   help="every tier's engine on a thread of its replica (TierConfig.engine_process false) instead of "
+                   "a child process of its own")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable of every replica (ServeConfig.env), e.g. a RAY_SERVE_* flag to measure")
     p.add_argument("--cluster-env", action="append", default=[], metavar="KEY=VALUE",
@@ -303,6 +307,8 @@ def main() -> None:
         tier_extra["stream_chunks_per_s"] = args.stream_chunks_per_s or None
     if args.engine_cpus is not None:
         tier_extra["engine_cpus"] = args.engine_cpus
+    if args.engine_in_thread:
+        tier_extra["engine_process"] = False
     app_config = serve_config(Path("ckpt"), args.concurrency, args.max_tokens, tier_extra)
     app_config["env"] = dict(item.split("=", 1) for item in args.serve_env)
     with tempfile.TemporaryDirectory(prefix="rnc-bench-") as tmp:
@@ -396,6 +402,7 @@ def main() -> None:
                 "cluster_env": args.cluster_env,
                 "direct_ingress": args.direct_ingress,
                 "engine_cpus": args.engine_cpus,
+                "engine_process": ServeConfig.model_validate(app_config).tier("medium").engine_process,
             },
             "throughput": {
                 "tier": "medium",

@@ -2,6 +2,6 @@
 engine per replica), OpenAI-compatible HTTP API, chat page, and the `rnc serve` / `rnc chat` commands.
 
 Modules without Ray (importable and testable anywhere): `config`, `router`, `protocol`, `service`, `generation`
-(what crosses to a replica and back), `batcher` (the replica's engine thread), `loading`, `chat`. With Ray: `app`
-(deployments, `build_app`), `metrics`, `cli`.
+(what crosses to a replica and back), `batcher` (the replica's engine loop), `engine_process` (that loop in a child
+process), `loading`, `chat`. With Ray: `app` (deployments, `build_app`), `metrics`, `cli`.
 """

@@ -16,6 +16,7 @@ request logic is in `serve.service`, batching in `serve.batcher`, both testable 
 # after Serve has rewritten the ingress methods, and string annotations then turn into query parameters.
 import asyncio
 import dataclasses
+import functools
 import hmac
 import logging
 import os
@@ -33,7 +34,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 
 from .affinity import format_cpus, resolve_cpus
-from .batcher import ReplicaBatcher
+from .batcher import EngineSpec, ReplicaBatcher
 from .completions import CompletionPlanner, CompletionStreamFormatter
 from .config import ServeConfig, format_validation_error
 from .generation import Completion, GenerationRequest, StreamChunk
@@ -52,31 +53,23 @@ class TierModel:
     """One tier's replica: the checkpoint's weights, loaded once, behind one continuous-batching engine."""
 
     def __init__(self, config: dict[str, Any], tier: str):
-        import torch
-
-        from .loading import replica_engine
+        from .loading import tier_engine
         from .metrics import TierMetrics
 
         cfg = ServeConfig.model_validate(config)
         self.tier = cfg.tier(tier)
         cpus = self.tier.engine_cpus
-        engine_cpus = None if cpus is None else resolve_cpus(f"tier {tier!r}: engine_cpus", cpus)
-        torch.set_num_threads(self.tier.torch_threads)
-        loaded, engine = replica_engine(cfg.checkpoint, cfg.cache_dir, self.tier)
-        if self.tier.r_max > loaded.config.recurrence.r_max:
-            logger.warning(
-                "tier %s: r_max=%d is deeper than training (recurrence.r_max=%d): extrapolated depth",
-                tier,
-                self.tier.r_max,
-                loaded.config.recurrence.r_max,
-            )
-        self.batcher = ReplicaBatcher(
-            engine,
-            TierMetrics(tier),
+        spec = EngineSpec(
+            functools.partial(tier_engine, cfg.checkpoint, cfg.cache_dir, self.tier),
+            torch_threads=self.tier.torch_threads,
+            engine_cpus=None if cpus is None else resolve_cpus(f"tier {tier!r}: engine_cpus", cpus),
             retry_after_s=self.tier.retry_after_s,
             stream_chunks_per_s=self.tier.stream_chunks_per_s,
-            engine_cpus=engine_cpus,
         )
+        try:
+            self.batcher = ReplicaBatcher.from_spec(spec, TierMetrics(tier), process=self.tier.engine_process)
+        except Exception as exc:
+            raise RuntimeError(f"tier {tier!r}: {exc}") from exc
 
     async def generate(self, request: GenerationRequest) -> Completion:
         return await self.batcher.generate(request)
@@ -87,7 +80,7 @@ class TierModel:
             yield batch
 
     async def score(self, request: ScoreRequest) -> TokenScores:
-        """Log-probabilities from one full forward (off the engine thread; see ReplicaBatcher.score)."""
+        """Log-probabilities from one full forward (beside the engine's steps; see EngineLoop)."""
         return await self.batcher.score(request)
 
     def info(self) -> dict[str, Any]:
@@ -105,7 +98,12 @@ class TierModel:
 
     def check_health(self) -> None:
         if not self.batcher.healthy():
-            raise RuntimeError(f"tier {self.tier.name}: the engine thread stopped")
+            raise RuntimeError(f"tier {self.tier.name}: the engine loop stopped")
+
+    def __del__(self) -> None:  # Serve's graceful shutdown: stop the engine (and its process) with the replica
+        batcher = getattr(self, "batcher", None)
+        if batcher is not None:
+            batcher.close()
 
 
 api = FastAPI(title="recursive-gpt", description="OpenAI-compatible (chat) completions routed by compute budget")

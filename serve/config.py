@@ -96,6 +96,11 @@ class TierConfig(_Strict):
         description="CPUs (cpuset list: '1', '2-7') the replica's engine thread and its torch threads run on, e.g. "
         "cores kept free of Ray's other processes (serve.affinity); null = wherever the OS puts it",
     )
+    engine_process: bool = Field(
+        True,
+        description="run the replica's engine in a child process of its own, where it shares no GIL with the "
+        "replica's event loop and Ray's threads (serve.engine_process); false = a thread of the replica",
+    )
     compile_decode: bool = Field(
         False,
         description="torch.compile one-token decoding in each replica (GPT.compile_decode: a whole-token graph per "

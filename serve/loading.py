@@ -6,6 +6,7 @@ needs (never optimizer.pt) and hashes each file once; the ingress fetches only c
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from recursive_model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from .config import TierConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,6 +73,20 @@ def replica_engine(
         loaded.engine.model.compile_decode()  # graphs are built by the first steps that need them
     engine = ContinuousEngine(loaded.engine.model, loaded.tokenizer, **tier.engine_options(loaded.config.sequence_len))
     return loaded, engine
+
+
+def tier_engine(uri: str, cache_dir: str | os.PathLike[str] | None, tier: TierConfig) -> ContinuousEngine:
+    """`replica_engine`'s engine alone: a replica's `EngineSpec.factory` (run where the engine runs, maybe a child
+    process), which warns when the tier recurs deeper than training did."""
+    loaded, engine = replica_engine(uri, cache_dir, tier)
+    if tier.r_max > loaded.config.recurrence.r_max:
+        logger.warning(
+            "tier %s: r_max=%d is deeper than training (recurrence.r_max=%d): extrapolated depth",
+            tier.name,
+            tier.r_max,
+            loaded.config.recurrence.r_max,
+        )
+    return engine
 
 
 def load_tokenizer_and_config(uri: str, cache_dir: str | os.PathLike[str] | None = None) -> tuple[Tokenizer, GPTConfig]:

@@ -18,7 +18,7 @@ _FIRST_TOKEN_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 
 
 class TierMetrics:
-    """`MetricsSink` of one tier replica's ReplicaBatcher (called on its engine thread)."""
+    """`MetricsSink` of one tier replica's ReplicaBatcher (called where the engine loop's output arrives)."""
 
     def __init__(self, tier: str):
         tags = {"tier": tier}

@@ -4,7 +4,7 @@
 
 A loglikelihood request (lm-eval's `echo=True, logprobs=1, max_tokens=1`) costs this one forward: the prompt is never
 decoded token by token, and a greedy one-token completion is the argmax of the last position. Pure PyTorch (no Ray):
-the tier replica runs it on its own executor thread, next to the engine thread (the forward only reads the weights).
+the tier replica's engine loop runs it on a thread of its own, next to the step (the forward only reads the weights).
 """
 
 from __future__ import annotations

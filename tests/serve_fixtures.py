@@ -349,3 +349,15 @@ class HeadlessChromium:
         finally:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+
+
+def tiny_engine64(checkpoint: str, tier: Any) -> Any:
+    """A replica's ContinuousEngine for `tier` (a serve.config.TierConfig) in float64: the `EngineSpec.factory` of
+    tests that compare exact tokens across engines, which float32 rounding may flip. Importable by name, so a child
+    engine process can build it too."""
+    from recursive_model.batching import ContinuousEngine
+    from serve.loading import load_engine
+
+    loaded = load_engine(checkpoint)
+    model = loaded.engine.model.double()
+    return ContinuousEngine(model, loaded.tokenizer, **tier.engine_options(loaded.config.sequence_len))

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.serve_fixtures import AUTH_TOKEN, free_port, make_tiny_checkpoint, serve_test_config
+from tests.serve_fixtures import AUTH_TOKEN, free_port, make_tiny_checkpoint, serve_test_config, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,18 +60,42 @@ def cmdline(pid: int | None) -> str:
     return "" if pid is None else Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
-def tier_replicas_by_pinning(cpus: set[int]) -> tuple[int, int]:
-    """(tier replica processes, those with a thread, the engine's, that may run on exactly `cpus`) (Linux /proc)."""
+def running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie waiting for its parent to reap it has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def engine_processes() -> dict[int, int]:
+    """Each tier replica's engine process (TierConfig.engine_process), by the replica's pid (Linux /proc)."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if "serve.engine_process" in cmdline(int(proc.name)):
+                status = dict(line.split(":\t", 1) for line in (proc / "status").read_text().splitlines())
+                found[int(status["PPid"])] = int(proc.name)
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def tier_replicas_by_pinning(cpus: set[int]) -> tuple[int, int, list[int]]:
+    """(tier replica processes, those with an engine thread that may run on exactly `cpus`, their engine processes).
+    The engine thread is the main thread of the replica's engine process. Linux /proc."""
     replicas = pinned = 0
+    children = engine_processes()
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             cmd = cmdline(int(proc.name))
             if "ServeReplica" in cmd and ":tier-" in cmd:
                 replicas += 1
-                pinned += any(os.sched_getaffinity(int(t.name)) == cpus for t in (proc / "task").iterdir())
-        except OSError:
+                engine = Path(f"/proc/{children[int(proc.name)]}")
+                pinned += os.sched_getaffinity(int(engine.name)) == cpus
+        except (OSError, KeyError):
             continue
-    return replicas, pinned
+    return replicas, pinned, sorted(children.values())
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the listening process from Linux /proc")
@@ -109,8 +133,10 @@ def test_direct_ingress_answers_and_streams_without_the_proxy(tmp_path: Path) ->
         ingress, proxy = listener_pid(port), listener_pid(port + 1)
         assert "ServeReplica" in cmdline(ingress) and "ingress" in cmdline(ingress)
         assert "ProxyActor" in cmdline(proxy)  # Ray still starts its proxy; it moved out of the way
+        engines: list[int] = []
         if engine_cpu is not None:  # each tier's engine thread on its CPU; Ray's processes off it
-            assert tier_replicas_by_pinning({engine_cpu}) == (len(config["tiers"]), len(config["tiers"]))
+            replicas, pinned, engines = tier_replicas_by_pinning({engine_cpu})
+            assert replicas == pinned == len(config["tiers"]) and len(engines) >= replicas
             for pid in (ingress, proxy):
                 assert engine_cpu not in os.sched_getaffinity(pid)  # type: ignore[arg-type]
 
@@ -138,6 +164,7 @@ def test_direct_ingress_answers_and_streams_without_the_proxy(tmp_path: Path) ->
             proc.kill()
             raise
     assert proc.returncode == 0, "".join(lines[-40:])
+    wait_for(lambda: not any(map(running, engines)), 30, what="the engine processes to exit")
 
 
 def test_direct_ingress_refuses_a_running_cluster() -> None:
