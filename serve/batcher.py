@@ -477,7 +477,7 @@ class ReplicaBatcher:
         from .engine_process import ProcessLink
 
         self = cls.__new__(cls)
-        link = ProcessLink(spec, lambda *a: self._on_output(*a), lambda e: self._on_stop(e))
+        link = ProcessLink(spec, self._on_output, self._on_stop)  # called only once it reads (below)
         self._front(link.limits, metrics, spec.retry_after_s, stats_interval_s)
         self._link = link
         link.start_reading()
