@@ -10,10 +10,10 @@ the engine cannot queue (its waiting queue is full) fails at once with a 503 `Re
 stream whose consumer went away is cancelled and frees its row at the next step.
 
 The loop runs on a thread of this process (`ReplicaBatcher(engine)`) or in a child process of its own
-(`ReplicaBatcher.from_spec(spec, process=True)`,
-serve.engine_process). A replica's event loop and Ray's threads take the GIL for every
-request and stream chunk, and each time they do the engine thread waits; in its own process the engine shares no GIL.
-The front only sees `Link`s, so both behave alike. Nothing here imports Ray, so the tests drive it directly.
+(`ReplicaBatcher.from_spec(spec, process=True)`, serve.engine_process). A replica's event loop and Ray's threads take
+the GIL for every request and stream chunk, and each time they do an engine thread in the same process waits; in its
+own process the engine shares no GIL. The front only sees a `Link`, so both behave alike. Nothing here imports Ray,
+so the tests drive it directly.
 """
 
 from __future__ import annotations
