@@ -42,7 +42,6 @@ SNAPSHOT_INTERVAL_S = 0.05  # a snapshot with no output rides alone at most this
 class _Ready:
     limits: EngineLimits
     engine_cpus: frozenset[int]  # the CPUs the engine thread runs on, after pinning
-    pid: int
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,6 @@ class _Stopped:
     """The child's last message: why its engine loop (or its start) ended, as text (an exception may not pickle)."""
 
     reason: str
-    started: bool
 
 
 def _describe(exc: BaseException) -> str:
@@ -90,7 +88,6 @@ class ProcessLink:
             raise
         self.limits = ready.limits
         self._cpus = ready.engine_cpus
-        self.pid = ready.pid
 
     def _wait_ready(self, timeout_s: float) -> _Ready:
         deadline = time.monotonic() + timeout_s
@@ -174,7 +171,7 @@ def _serve(conn: Connection) -> None:
         engine = spec.factory()
     except Exception as exc:
         logger.exception("the engine could not be loaded")
-        send(_Stopped(_describe(exc), started=False))
+        send(_Stopped(_describe(exc)))
         return
 
     shipped = 0.0
@@ -203,10 +200,10 @@ def _serve(conn: Connection) -> None:
     threading.Thread(target=read, name="reader", daemon=True).start()  # before the pin: it keeps the process's CPUs
     if spec.engine_cpus is not None:
         pin_current_thread(spec.engine_cpus)
-    send(_Ready(EngineLimits.of(engine), thread_cpus(threading.current_thread()), os.getpid()))
+    send(_Ready(EngineLimits.of(engine), thread_cpus(threading.current_thread())))
     error = loop.run()
     try:
-        send(_Stopped(_describe(error), started=True))
+        send(_Stopped(_describe(error)))
     except OSError:
         pass
 

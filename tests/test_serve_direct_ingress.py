@@ -91,8 +91,7 @@ def tier_replicas_by_pinning(cpus: set[int]) -> tuple[int, int, list[int]]:
             cmd = cmdline(int(proc.name))
             if "ServeReplica" in cmd and ":tier-" in cmd:
                 replicas += 1
-                engine = Path(f"/proc/{children[int(proc.name)]}")
-                pinned += os.sched_getaffinity(int(engine.name)) == cpus
+                pinned += os.sched_getaffinity(children[int(proc.name)]) == cpus
         except (OSError, KeyError):
             continue
     return replicas, pinned, sorted(children.values())

@@ -137,7 +137,7 @@ def test_the_child_engine_runs_on_its_cpus_and_its_helpers_do_not(spec: EngineSp
     )
     try:
         assert batcher.engine_cpus() == {last}
-        pid = batcher._link.pid  # type: ignore[attr-defined]
+        pid = batcher._link.proc.pid  # type: ignore[attr-defined]
         by_thread = {int(t.name): os.sched_getaffinity(int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()}
         assert by_thread.pop(pid) == {last}  # the child's main thread runs the engine
         assert by_thread and all(cpus == ours for cpus in by_thread.values())  # socket reader, scoring thread
@@ -154,7 +154,7 @@ def test_a_dead_engine_process_fails_its_requests_with_503(spec: EngineSpec, ckp
     Serve replaces it), and a new request is refused at once instead of hanging."""
     tokenizer, _ = load_tokenizer_and_config(str(ckpt_dir))
     batcher = ReplicaBatcher.from_spec(spec, process=True)
-    pid = batcher._link.pid  # type: ignore[attr-defined]
+    pid = batcher._link.proc.pid  # type: ignore[attr-defined]
 
     async def killed_mid_stream() -> list[object]:
         seen: list[object] = []
