@@ -1,6 +1,6 @@
 """A replica's engine in a child process of its own (serve.engine_process): it answers exactly what an engine on a
-thread of the replica answers, runs on the CPUs it is given, and a child that dies or cannot load fails its requests
-with 503 or the replica's start with the reason. No Ray."""
+thread of the replica answers, runs on the CPUs it is given, in a session of its own that ends with its replica, and
+a child that dies or cannot load fails its requests with 503 or the replica's start with the reason. No Ray."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import asyncio
 import functools
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -182,3 +185,47 @@ def test_an_engine_that_cannot_load_fails_the_replica_start_with_the_reason(tmp_
     spec = EngineSpec(functools.partial(tier_engine, str(missing), None, TIER), start_timeout_s=120)
     with pytest.raises(RuntimeError, match=r"could not load its engine: \w+Error: .*no-such-checkpoint"):
         ReplicaBatcher.from_spec(spec, process=True)
+
+
+_REPLICA = """
+import functools, sys, time
+from serve.batcher import EngineSpec, ReplicaBatcher
+from serve.config import TierConfig
+from tests.serve_fixtures import tiny_engine64
+
+spec = EngineSpec(functools.partial(tiny_engine64, sys.argv[1], TierConfig(name="wide", r_max=4)), start_timeout_s=120)
+batcher = ReplicaBatcher.from_spec(spec, process=True)
+print(batcher._link.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # exited, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+def test_the_engine_process_has_a_session_of_its_own_and_ends_with_its_replica(ckpt_dir: Path) -> None:
+    """Its own session (its own scheduling group under Linux autogroup) also puts it out of reach of its replica's
+    process-group signals: a replica killed outright, without closing the link, must still take its engine along."""
+    root = Path(__file__).resolve().parents[1]
+    replica = subprocess.Popen(
+        [sys.executable, "-c", _REPLICA, str(ckpt_dir)], cwd=root, stdout=subprocess.PIPE, text=True
+    )
+    child = None
+    try:
+        assert replica.stdout is not None
+        child = int(replica.stdout.readline())
+        assert os.getsid(child) == child != os.getsid(replica.pid)
+        replica.kill()
+        replica.wait(30)
+        deadline = time.monotonic() + 30
+        while not _gone(child):
+            assert time.monotonic() < deadline, "the engine process outlived its replica"
+            time.sleep(0.05)
+    finally:
+        replica.kill()
+        if child is not None and not _gone(child):
+            os.kill(child, signal.SIGKILL)
