@@ -211,21 +211,20 @@ def test_the_engine_process_has_a_session_of_its_own_and_ends_with_its_replica(c
     """Its own session (its own scheduling group under Linux autogroup) also puts it out of reach of its replica's
     process-group signals: a replica killed outright, without closing the link, must still take its engine along."""
     root = Path(__file__).resolve().parents[1]
-    replica = subprocess.Popen(
-        [sys.executable, "-c", _REPLICA, str(ckpt_dir)], cwd=root, stdout=subprocess.PIPE, text=True
-    )
-    child = None
-    try:
-        assert replica.stdout is not None
-        child = int(replica.stdout.readline())
-        assert os.getsid(child) == child != os.getsid(replica.pid)
-        replica.kill()
-        replica.wait(30)
-        deadline = time.monotonic() + 30
-        while not _gone(child):
-            assert time.monotonic() < deadline, "the engine process outlived its replica"
-            time.sleep(0.05)
-    finally:
-        replica.kill()
-        if child is not None and not _gone(child):
-            os.kill(child, signal.SIGKILL)
+    script = [sys.executable, "-c", _REPLICA, str(ckpt_dir)]
+    with subprocess.Popen(script, cwd=root, stdout=subprocess.PIPE, text=True) as replica:  # closes the pipe, reaps
+        child = None
+        try:
+            assert replica.stdout is not None
+            child = int(replica.stdout.readline())
+            assert os.getsid(child) == child != os.getsid(replica.pid)
+            replica.kill()
+            replica.wait(30)
+            deadline = time.monotonic() + 30
+            while not _gone(child):
+                assert time.monotonic() < deadline, "the engine process outlived its replica"
+                time.sleep(0.05)
+        finally:
+            replica.kill()
+            if child is not None and not _gone(child):
+                os.kill(child, signal.SIGKILL)
