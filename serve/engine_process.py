@@ -78,10 +78,8 @@ class ProcessLink:
                 pass_fds=[theirs.fileno()],
                 env=env,
                 stdin=subprocess.DEVNULL,
-                # A session of its own: where Linux groups processes by session for scheduling (autogroup, in the
-                # root cgroup), the engine then weighs as much as all of Ray's processes together, rather than as one
-                # thread among dozens of them, and is not preempted as often by the proxy and ingress (docs/LOG.md).
-                # No terminal or process-group signal reaches it either; it ends when the link does.
+                # its own scheduling group under autogroup (module docstring); no terminal or process-group signal
+                # reaches it either: it ends when the link does
                 start_new_session=True,
             )
         self.conn = Connection(ours.detach())

@@ -351,6 +351,14 @@ class HeadlessChromium:
             self.proc.wait(timeout=10)
 
 
+def running(pid: int) -> bool:
+    """(Linux /proc) The process exists and has not exited (a zombie waiting for its parent to reap it has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def tiny_engine64(checkpoint: str, tier: Any) -> Any:
     """A replica's ContinuousEngine for `tier` (a serve.config.TierConfig) in float64: the `EngineSpec.factory` of
     tests that compare exact tokens across engines, which float32 rounding may flip. Importable by name, so a child

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.serve_fixtures import AUTH_TOKEN, free_port, make_tiny_checkpoint, serve_test_config, wait_for
+from tests.serve_fixtures import AUTH_TOKEN, free_port, make_tiny_checkpoint, running, serve_test_config, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,14 +58,6 @@ def listener_pid(port: int) -> int | None:
 
 def cmdline(pid: int | None) -> str:
     return "" if pid is None else Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-
-
-def running(pid: int) -> bool:
-    """The process exists and has not exited (a zombie waiting for its parent to reap it has)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def engine_processes() -> dict[int, int]:

@@ -23,7 +23,7 @@ from serve.generation import Completion, GenerationRequest, StreamChunk
 from serve.loading import load_tokenizer_and_config, tier_engine
 from serve.router import RequestError
 from serve.scoring import ScoreRequest
-from tests.serve_fixtures import make_tiny_checkpoint, tiny_engine64
+from tests.serve_fixtures import make_tiny_checkpoint, running, tiny_engine64
 
 TIER = TierConfig(name="wide", r_min=1, r_max=4)
 
@@ -200,13 +200,6 @@ time.sleep(600)
 """
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # exited, not yet reaped
-    except FileNotFoundError:
-        return True
-
-
 def test_the_engine_process_has_a_session_of_its_own_and_ends_with_its_replica(ckpt_dir: Path) -> None:
     """Its own session (its own scheduling group under Linux autogroup) also puts it out of reach of its replica's
     process-group signals: a replica killed outright, without closing the link, must still take its engine along."""
@@ -221,10 +214,10 @@ def test_the_engine_process_has_a_session_of_its_own_and_ends_with_its_replica(c
             replica.kill()
             replica.wait(30)
             deadline = time.monotonic() + 30
-            while not _gone(child):
+            while running(child):
                 assert time.monotonic() < deadline, "the engine process outlived its replica"
                 time.sleep(0.05)
         finally:
             replica.kill()
-            if child is not None and not _gone(child):
+            if child is not None and running(child):
                 os.kill(child, signal.SIGKILL)
